@@ -1,0 +1,506 @@
+//! Syscall tracepoints on the socket paths: enter records the arguments, exit copies what the
+//! syscall really moved. Only sockets learned from accept/connect (or seeded by user space)
+//! are followed, so other fds of a watched process cost one map lookup.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::{self, bpf_get_current_cgroup_id},
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use tracer_common::{
+    ConnEvent, DataEvent, MAX_CAPTURE, MAX_IOVECS, SockAddr, SockInfo, counter, direction, kind,
+    role, sock_key,
+};
+
+use crate::util::{
+    EVENTS, INFLIGHT, Inflight, SCRATCH, SOCKETS, bump, current_if_watched, wakeup_flags,
+};
+
+/// What the saved pointer of an in-flight syscall points at.
+mod op {
+    pub const BUF: u8 = 1;
+    pub const IOVEC: u8 = 2;
+    pub const MSGHDR: u8 = 3;
+    pub const ACCEPT: u8 = 4;
+    pub const CONNECT: u8 = 5;
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const MSG_PEEK: u64 = 2;
+const EINPROGRESS: i64 = 115;
+
+/// Offsets in the syscall tracepoint records (stable since the records were introduced).
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const ARG3: usize = 40;
+const RET: usize = 16;
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: offsets inside the tracepoint record.
+    unsafe { ctx.read_at::<u64>(offset) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: offset inside the tracepoint record.
+    unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1)
+}
+
+#[inline(always)]
+fn is_socket(tgid: u32, fd: i32) -> bool {
+    // SAFETY: presence test only.
+    unsafe { SOCKETS.get(&sock_key(tgid, fd)) }.is_some()
+}
+
+#[inline(always)]
+fn save(id: u64, inflight: &Inflight) {
+    if INFLIGHT.insert(&id, inflight, 0).is_err() {
+        bump(counter::INFLIGHT_FULL);
+    }
+}
+
+#[inline(always)]
+fn inflight(op: u8, dir: u8, fd: i32, ptr: u64, len: u64) -> Inflight {
+    Inflight {
+        op,
+        direction: dir,
+        _pad: [0; 2],
+        fd,
+        ptr,
+        len,
+        ts_enter_ns: unsafe { bpf_ktime_get_ns() },
+        family: 0,
+        port: 0,
+        _pad2: 0,
+        addr: [0; 16],
+    }
+}
+
+/// Enter of a data syscall: remember its arguments when the fd is a followed socket.
+#[inline(always)]
+fn enter_data(ctx: &TracePointContext, op: u8, dir: u8, peek_flags_at: Option<usize>) -> u32 {
+    let Some((id, tgid)) = current_if_watched() else {
+        return 0;
+    };
+    let fd = arg(ctx, ARG0) as i32;
+    if !is_socket(tgid, fd) {
+        return 0;
+    }
+    if let Some(at) = peek_flags_at
+        && arg(ctx, at) & MSG_PEEK != 0
+    {
+        // Peeked bytes are read again later; copying them now would duplicate them.
+        return 0;
+    }
+    save(id, &inflight(op, dir, fd, arg(ctx, ARG1), arg(ctx, ARG2)));
+    0
+}
+
+/// The taken in-flight record of the current thread, if any.
+#[inline(always)]
+fn take_inflight() -> Option<(u64, Inflight)> {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: copied out before the entry is removed.
+    let saved = unsafe { INFLIGHT.get(&id) }.copied()?;
+    let _ = INFLIGHT.remove(&id);
+    Some((id, saved))
+}
+
+/// Copies one chunk (a whole buffer or one iovec) into a ring buffer record. The record is
+/// assembled in a per-CPU scratch slot and output with only the captured bytes, so small
+/// messages take a small part of the ring instead of a whole 4 KiB slot.
+#[inline(always)]
+fn emit_chunk(id: u64, saved: &Inflight, conn_id: u64, src: u64, total: u64, chunk: u8, now: u64) {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        bump(counter::DATA_RESERVE_FAILED);
+        return;
+    };
+    let mut captured: u32 = if total > MAX_CAPTURE as u64 {
+        MAX_CAPTURE as u32
+    } else {
+        total as u32
+    };
+    if src == 0 {
+        captured = 0;
+    }
+    // SAFETY: `ev` is this CPU's scratch slot of size_of::<DataEvent>(); nothing else runs on
+    // this CPU while the program does.
+    unsafe {
+        (*ev).kind = kind::DATA;
+        (*ev).direction = saved.direction;
+        (*ev).chunk = chunk;
+        (*ev)._pad = 0;
+        (*ev).fd = saved.fd;
+        (*ev).tgid = (id >> 32) as u32;
+        (*ev).tid = id as u32;
+        (*ev).conn_id = conn_id;
+        (*ev).ts_enter_ns = saved.ts_enter_ns;
+        (*ev).ts_exit_ns = now;
+        (*ev).cgroup_id = bpf_get_current_cgroup_id();
+        (*ev).total_len = total;
+        (*ev)._pad2 = 0;
+        if captured > 0 {
+            let dst = (*ev).buf.as_mut_ptr() as *mut core::ffi::c_void;
+            let size = bounded(captured);
+            if generated::bpf_probe_read_user(dst, size, src as *const core::ffi::c_void) != 0 {
+                bump(counter::COPY_FAILED);
+                captured = 0;
+            }
+        }
+        (*ev).captured_len = captured;
+        let len = DATA_HEADER_BYTES as u64 + bounded(captured) as u64;
+        let ret = generated::bpf_ringbuf_output(
+            &raw const EVENTS as *mut core::ffi::c_void,
+            ev as *mut core::ffi::c_void,
+            len,
+            wakeup_flags(),
+        );
+        if ret != 0 {
+            bump(counter::DATA_RESERVE_FAILED);
+            return;
+        }
+    }
+    bump(counter::DATA_EVENTS);
+}
+
+/// Bytes of a data record before its buffer.
+const DATA_HEADER_BYTES: usize = core::mem::offset_of!(DataEvent, buf);
+
+/// `n` clamped to MAX_CAPTURE in a form whose bound the verifier can see.
+#[inline(always)]
+fn bounded(n: u32) -> u32 {
+    let n = n & (MAX_CAPTURE as u32 * 2 - 1);
+    if n > MAX_CAPTURE as u32 {
+        MAX_CAPTURE as u32
+    } else {
+        n
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoVec {
+    base: u64,
+    len: u64,
+}
+
+/// Emits one record per iovec up to MAX_IOVECS, then one uncaptured record for the rest, so
+/// the byte count of the syscall is always accounted for.
+#[inline(always)]
+fn emit_iovecs(
+    id: u64,
+    saved: &Inflight,
+    conn_id: u64,
+    iov: u64,
+    count: u64,
+    moved: u64,
+    now: u64,
+) {
+    let mut remaining = moved;
+    let mut i: usize = 0;
+    while i < MAX_IOVECS {
+        if remaining == 0 || i as u64 >= count {
+            break;
+        }
+        // SAFETY: user pointer read through the helper; failure ends the walk.
+        let Ok(v) = (unsafe { bpf_probe_read_user((iov as *const IoVec).wrapping_add(i)) }) else {
+            break;
+        };
+        let take = if v.len < remaining { v.len } else { remaining };
+        if take > 0 {
+            emit_chunk(id, saved, conn_id, v.base, take, i as u8, now);
+            remaining -= take;
+        }
+        i += 1;
+    }
+    if remaining > 0 {
+        bump(counter::IOVEC_OVERFLOW);
+        emit_chunk(id, saved, conn_id, 0, remaining, MAX_IOVECS as u8, now);
+    }
+}
+
+/// Exit of a data syscall: copy what it moved.
+#[inline(always)]
+fn exit_data(ctx: &TracePointContext) -> u32 {
+    let Some((id, saved)) = take_inflight() else {
+        return 0;
+    };
+    let moved = ret(ctx);
+    if moved <= 0 {
+        return 0;
+    }
+    let moved = moved as u64;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let tgid = (id >> 32) as u32;
+    // SAFETY: copied out immediately.
+    let conn_id = unsafe { SOCKETS.get(&sock_key(tgid, saved.fd)) }
+        .map(|s| s.conn_id)
+        .unwrap_or(0);
+    match saved.op {
+        op::BUF => emit_chunk(id, &saved, conn_id, saved.ptr, moved, 0, now),
+        op::IOVEC => emit_iovecs(id, &saved, conn_id, saved.ptr, saved.len, moved, now),
+        op::MSGHDR => {
+            // struct msghdr: msg_iov at 16, msg_iovlen at 24 (x86_64 and arm64 alike).
+            let msg = saved.ptr;
+            let iov = unsafe { bpf_probe_read_user((msg + 16) as *const u64) }.unwrap_or(0);
+            let count = unsafe { bpf_probe_read_user((msg + 24) as *const u64) }.unwrap_or(0);
+            if iov != 0 {
+                emit_iovecs(id, &saved, conn_id, iov, count, moved, now);
+            } else {
+                emit_chunk(id, &saved, conn_id, 0, moved, 0, now);
+            }
+        }
+        _ => {}
+    }
+    0
+}
+
+macro_rules! data_hooks {
+    ($enter:ident, $exit:ident, $op:expr, $dir:expr, $peek:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            enter_data(&ctx, $op, $dir, $peek)
+        }
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            exit_data(&ctx)
+        }
+    };
+}
+
+data_hooks!(
+    sys_enter_read,
+    sys_exit_read,
+    op::BUF,
+    direction::INGRESS,
+    None
+);
+data_hooks!(
+    sys_enter_write,
+    sys_exit_write,
+    op::BUF,
+    direction::EGRESS,
+    None
+);
+data_hooks!(
+    sys_enter_readv,
+    sys_exit_readv,
+    op::IOVEC,
+    direction::INGRESS,
+    None
+);
+data_hooks!(
+    sys_enter_writev,
+    sys_exit_writev,
+    op::IOVEC,
+    direction::EGRESS,
+    None
+);
+data_hooks!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    op::BUF,
+    direction::EGRESS,
+    None
+);
+data_hooks!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    op::BUF,
+    direction::INGRESS,
+    Some(ARG3)
+);
+data_hooks!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    op::MSGHDR,
+    direction::EGRESS,
+    None
+);
+data_hooks!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    op::MSGHDR,
+    direction::INGRESS,
+    Some(ARG2)
+);
+
+/// Reads a sockaddr from user memory into our fixed layout.
+#[inline(always)]
+fn read_sockaddr(ptr: u64) -> SockAddr {
+    let mut out = SockAddr::default();
+    if ptr == 0 {
+        return out;
+    }
+    let family = unsafe { bpf_probe_read_user(ptr as *const u16) }.unwrap_or(0);
+    out.family = family;
+    let port_be = unsafe { bpf_probe_read_user((ptr + 2) as *const u16) }.unwrap_or(0);
+    out.port = u16::from_be(port_be);
+    if family == AF_INET {
+        if let Ok(v4) = unsafe { bpf_probe_read_user((ptr + 4) as *const [u8; 4]) } {
+            out.addr[10] = 0xff;
+            out.addr[11] = 0xff;
+            out.addr[12] = v4[0];
+            out.addr[13] = v4[1];
+            out.addr[14] = v4[2];
+            out.addr[15] = v4[3];
+        }
+    } else if family == AF_INET6 {
+        if let Ok(v6) = unsafe { bpf_probe_read_user((ptr + 8) as *const [u8; 16]) } {
+            out.addr = v6;
+        }
+    }
+    out
+}
+
+#[inline(always)]
+fn emit_conn(event_kind: u8, sock_role: u8, id: u64, fd: i32, conn_id: u64, peer: SockAddr) {
+    let event = ConnEvent {
+        kind: event_kind,
+        role: sock_role,
+        _pad: [0; 2],
+        fd,
+        tgid: (id >> 32) as u32,
+        tid: id as u32,
+        conn_id,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        peer,
+    };
+    if EVENTS.output(&event, wakeup_flags()).is_err() {
+        bump(counter::CONTROL_RESERVE_FAILED);
+    } else {
+        bump(counter::CONTROL_EVENTS);
+    }
+}
+
+#[inline(always)]
+fn track(id: u64, fd: i32, sock_role: u8, event_kind: u8, peer: SockAddr) {
+    let tgid = (id >> 32) as u32;
+    let conn_id = unsafe { bpf_ktime_get_ns() };
+    let info = SockInfo {
+        conn_id,
+        role: sock_role,
+        _pad: [0; 7],
+    };
+    if SOCKETS.insert(&sock_key(tgid, fd), &info, 0).is_err() {
+        bump(counter::SOCKET_MAP_FULL);
+        return;
+    }
+    emit_conn(event_kind, sock_role, id, fd, conn_id, peer);
+}
+
+#[inline(always)]
+fn enter_accept(ctx: &TracePointContext) -> u32 {
+    let Some((id, _)) = current_if_watched() else {
+        return 0;
+    };
+    let fd = arg(ctx, ARG0) as i32;
+    save(id, &inflight(op::ACCEPT, 0, fd, arg(ctx, ARG1), 0));
+    0
+}
+
+#[inline(always)]
+fn exit_accept(ctx: &TracePointContext) -> u32 {
+    let Some((id, saved)) = take_inflight() else {
+        return 0;
+    };
+    if saved.op != op::ACCEPT {
+        return 0;
+    }
+    let new_fd = ret(ctx);
+    if new_fd < 0 {
+        return 0;
+    }
+    let peer = read_sockaddr(saved.ptr);
+    if peer.family != 0 && peer.family != AF_INET && peer.family != AF_INET6 {
+        return 0;
+    }
+    track(id, new_fd as i32, role::SERVER, kind::ACCEPT, peer);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
+    enter_accept(&ctx)
+}
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    exit_accept(&ctx)
+}
+#[tracepoint]
+pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
+    enter_accept(&ctx)
+}
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    exit_accept(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let Some((id, _)) = current_if_watched() else {
+        return 0;
+    };
+    let peer = read_sockaddr(arg(&ctx, ARG1));
+    if peer.family != AF_INET && peer.family != AF_INET6 {
+        return 0;
+    }
+    let mut saved = inflight(op::CONNECT, 0, arg(&ctx, ARG0) as i32, 0, 0);
+    saved.family = peer.family;
+    saved.port = peer.port;
+    saved.addr = peer.addr;
+    save(id, &saved);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let Some((id, saved)) = take_inflight() else {
+        return 0;
+    };
+    if saved.op != op::CONNECT {
+        return 0;
+    }
+    let r = ret(&ctx);
+    if r != 0 && r != -EINPROGRESS {
+        return 0;
+    }
+    let peer = SockAddr {
+        family: saved.family,
+        port: saved.port,
+        _pad: 0,
+        addr: saved.addr,
+    };
+    track(id, saved.fd, role::CLIENT, kind::CONNECT, peer);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let Some((id, tgid)) = current_if_watched() else {
+        return 0;
+    };
+    let fd = arg(&ctx, ARG0) as i32;
+    let key = sock_key(tgid, fd);
+    // SAFETY: copied out before removal.
+    let Some(info) = (unsafe { SOCKETS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = SOCKETS.remove(&key);
+    emit_conn(
+        kind::CLOSE,
+        info.role,
+        id,
+        fd,
+        info.conn_id,
+        SockAddr::default(),
+    );
+    0
+}

@@ -1,0 +1,137 @@
+//! Maps, load-time settings and small helpers shared by the hook families.
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::bpf_get_current_pid_tgid,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::{
+    DataEvent, MAX_INFLIGHT, MAX_SOCKETS, MAX_WATCHED, RING_BYTES, RING_WAKEUP_BYTES, SockInfo,
+    counter,
+};
+
+/// Load-time settings, written by the agent with `EbpfLoader::override_global`.
+/// 1 when every process on the host is traced (no selection given).
+#[unsafe(no_mangle)]
+static TRACE_ALL: u8 = 0;
+/// The agent's own tgid: its exports must never be traced.
+#[unsafe(no_mangle)]
+static AGENT_TGID: u32 = 0;
+/// 1 when user space wants exec events (it matches executables by path).
+#[unsafe(no_mangle)]
+static EMIT_EXEC: u8 = 0;
+/// Offset of `child_pid` in the sched_process_fork record; the layout changed across kernels
+/// (inline comm arrays before 6.x, __data_loc strings after), so user space reads it from tracefs.
+#[unsafe(no_mangle)]
+static FORK_CHILD_PID_OFFSET: u32 = 20;
+
+#[inline(always)]
+pub fn trace_all() -> bool {
+    // SAFETY: read of a load-time constant; volatile so the compiler keeps the load.
+    unsafe { core::ptr::read_volatile(&TRACE_ALL) != 0 }
+}
+
+#[inline(always)]
+pub fn emit_exec() -> bool {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&EMIT_EXEC) != 0 }
+}
+
+#[inline(always)]
+pub fn fork_child_pid_offset() -> usize {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) as usize }
+}
+
+#[inline(always)]
+fn agent_tgid() -> u32 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&AGENT_TGID) }
+}
+
+/// All records for user space.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+/// Watched tgids (and, harmlessly, tids of their threads: a fork hook cannot tell a thread
+/// from a process, and thread entries are removed when the thread exits).
+#[map]
+pub static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED, 0);
+
+/// Command names whose exec makes a process watched.
+#[map]
+pub static COMM_FILTER: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0);
+
+/// (tgid, fd) -> connection, for sockets of watched processes. LRU so that sockets of
+/// processes that vanished without a close cannot fill it.
+#[map]
+pub static SOCKETS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Per-CPU assembly slot for a data record (too big for the 512-byte BPF stack).
+#[map]
+pub static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU counters, indexed by `tracer_common::counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Arguments of a syscall between its enter and exit, keyed by pid_tgid.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Inflight {
+    pub op: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+    pub fd: i32,
+    /// Buffer, iovec array, msghdr or sockaddr pointer, by `op`.
+    pub ptr: u64,
+    /// Buffer length or iovec count.
+    pub len: u64,
+    pub ts_enter_ns: u64,
+    /// Peer address read at connect enter (the user buffer is only sure to be valid then).
+    pub family: u16,
+    pub port: u16,
+    pub _pad2: u32,
+    pub addr: [u8; 16],
+}
+
+#[map]
+pub static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+/// Flags for a ring buffer write: no wake-up unless the agent is falling behind.
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= RING_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+#[inline(always)]
+pub fn bump(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// (pid_tgid, tgid) of the current task, or None when it is not watched.
+#[inline(always)]
+pub fn current_if_watched() -> Option<(u64, u32)> {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    if tgid == agent_tgid() {
+        return None;
+    }
+    if trace_all() {
+        return Some((id, tgid));
+    }
+    // SAFETY: the value is only tested for presence.
+    if unsafe { WATCHED.get(&tgid) }.is_some() {
+        Some((id, tgid))
+    } else {
+        None
+    }
+}

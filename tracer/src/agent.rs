@@ -1,0 +1,449 @@
+//! The agent's event loop: ring buffer records through stream, protocol and span layers to
+//! the exporters, plus the process bookkeeping that keeps the kernel's selection current.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+use tracer_common::{ConnEvent, ProcEvent, counter, kind, role};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::Config,
+    discover::{naming, procfs, selection::Selection},
+    export::{ExportConfig, Exporter},
+    probes::{
+        KernelSelection, Probes,
+        event::{self, DataChunk, Event},
+    },
+    protocol::http1::ChunkTs,
+    span::{
+        builder::{ResourceSource, SpanBuilder},
+        clock::{Clock, monotonic_ns},
+        model::{FinishedSpan, ProcessResource},
+    },
+    stream::{ConnKey, ConnTable, Role, StreamEvent},
+};
+
+/// Records handled before the loop looks at timers and signals again.
+const RING_BATCH: usize = 4096;
+/// How often the ring buffer is read when the kernel side did not ask for it: records wait
+/// at most this long, and the agent wakes this often instead of once per record.
+const DRAIN_EVERY: Duration = Duration::from_millis(5);
+/// How often idle connections are swept.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
+/// Sockets seeded from /proc at start, at most (the kernel map holds MAX_SOCKETS).
+const MAX_SEEDED_SOCKETS: usize = 16384;
+/// Seeded sockets get generations from this range, apart from kernel timestamps.
+const SEEDED_CONN_ID_BASE: u64 = 1 << 63;
+
+/// service.name and friends per process, read from /proc the first time a process is seen
+/// (while it is alive) and kept until it exits.
+pub struct ProcessCache {
+    rules: Vec<naming::NameRule>,
+    host_name: String,
+    known: HashMap<u32, Arc<ProcessResource>>,
+}
+
+impl ProcessCache {
+    pub fn new(rules: Vec<naming::NameRule>) -> Self {
+        Self {
+            rules,
+            host_name: host_name(),
+            known: HashMap::new(),
+        }
+    }
+
+    fn ensure(&mut self, tgid: u32) {
+        if !self.known.contains_key(&tgid) {
+            let resource = self.read(tgid);
+            self.known.insert(tgid, resource);
+        }
+    }
+
+    fn read(&self, tgid: u32) -> Arc<ProcessResource> {
+        let facts = procfs::read_process(tgid).unwrap_or_else(|| procfs::ProcFacts {
+            tgid,
+            comm: format!("pid-{tgid}"),
+            ..Default::default()
+        });
+        let executable_name = facts
+            .exe
+            .as_deref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| facts.comm.clone());
+        Arc::new(ProcessResource {
+            service_name: naming::service_name(&facts, &self.rules),
+            pid: tgid,
+            executable_name,
+            host_name: self.host_name.clone(),
+        })
+    }
+
+    fn forget(&mut self, tgid: u32) {
+        self.known.remove(&tgid);
+    }
+}
+
+impl ResourceSource for ProcessCache {
+    fn resource(&mut self, tgid: u32) -> Arc<ProcessResource> {
+        self.ensure(tgid);
+        match self.known.get(&tgid) {
+            Some(r) => r.clone(),
+            None => self.read(tgid),
+        }
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Counters of the user-space side.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AgentCounters {
+    pub records: u64,
+    pub decode_errors: u64,
+}
+
+pub struct Agent {
+    probes: Probes,
+    selection: Selection,
+    conns: ConnTable,
+    builder: SpanBuilder,
+    procs: ProcessCache,
+    exporter: Exporter,
+    counters: AgentCounters,
+    stream_events: Vec<StreamEvent>,
+    spans: Vec<FinishedSpan>,
+}
+
+impl Agent {
+    /// Handles one ring buffer record.
+    pub fn handle_record(&mut self, bytes: &[u8]) {
+        self.counters.records += 1;
+        match event::decode(bytes) {
+            Ok(Event::Data(chunk)) => self.on_data(&chunk),
+            Ok(Event::Conn(conn)) => self.on_conn(&conn),
+            Ok(Event::Proc(proc_event)) => self.on_proc(&proc_event),
+            Err(err) => {
+                self.counters.decode_errors += 1;
+                debug!(%err, "undecodable ring buffer record");
+            }
+        }
+        self.drain();
+    }
+
+    fn on_data(&mut self, chunk: &DataChunk<'_>) {
+        self.procs.ensure(chunk.tgid);
+        let key = ConnKey {
+            tgid: chunk.tgid,
+            fd: chunk.fd,
+            conn_id: chunk.conn_id,
+        };
+        let ts = ChunkTs {
+            enter_ns: chunk.ts_enter_ns,
+            exit_ns: chunk.ts_exit_ns,
+        };
+        self.conns.data(
+            key,
+            chunk.tid,
+            chunk.ingress,
+            chunk.captured,
+            chunk.total_len,
+            ts,
+            &mut self.stream_events,
+        );
+    }
+
+    fn on_conn(&mut self, conn: &ConnEvent) {
+        let key = ConnKey {
+            tgid: conn.tgid,
+            fd: conn.fd,
+            conn_id: conn.conn_id,
+        };
+        match conn.kind {
+            kind::ACCEPT | kind::CONNECT => {
+                self.procs.ensure(conn.tgid);
+                let conn_role = match conn.role {
+                    role::CLIENT => Some(Role::Client),
+                    role::SERVER => Some(Role::Server),
+                    _ => None,
+                };
+                let peer = event::socket_addr(&conn.peer);
+                self.conns
+                    .open(key, conn_role, peer, conn.ts_ns, &mut self.stream_events);
+            }
+            kind::CLOSE => self.conns.close(key, conn.ts_ns, &mut self.stream_events),
+            _ => {}
+        }
+    }
+
+    fn on_proc(&mut self, proc_event: &ProcEvent) {
+        match proc_event.kind {
+            kind::EXEC => {
+                if let Some(facts) = procfs::read_process(proc_event.tgid)
+                    && self.selection.matches(&facts)
+                {
+                    info!(pid = facts.tgid, comm = %facts.comm, "watching new process");
+                    self.probes.watch(facts.tgid);
+                }
+            }
+            kind::EXIT => {
+                let fds =
+                    self.conns
+                        .exit(proc_event.tgid, proc_event.ts_ns, &mut self.stream_events);
+                for fd in fds {
+                    self.probes.forget_socket(proc_event.tgid, fd);
+                }
+                self.drain();
+                self.builder.forget_process(proc_event.tgid);
+                self.procs.forget(proc_event.tgid);
+            }
+            _ => {}
+        }
+    }
+
+    fn drain(&mut self) {
+        if self.stream_events.is_empty() {
+            return;
+        }
+        for event in self.stream_events.drain(..) {
+            self.builder
+                .on_event(event, &mut self.procs, &mut self.spans);
+        }
+        for span in self.spans.drain(..) {
+            self.exporter.export(span);
+        }
+    }
+
+    /// Handles at most RING_BATCH records; true when the ring is empty afterwards. Bounded so
+    /// the timer and signal arms stay responsive under load.
+    fn drain_ring(&mut self, ring: &mut RingBuf<MapData>) -> bool {
+        for _ in 0..RING_BATCH {
+            let Some(item) = ring.next() else {
+                return true;
+            };
+            self.handle_record(&item);
+        }
+        false
+    }
+
+    /// Periodic housekeeping.
+    pub fn tick(&mut self) {
+        self.conns
+            .evict_idle(monotonic_ns(), &mut self.stream_events);
+        self.drain();
+    }
+
+    /// One line of self-statistics, in a stable `key=value` format (the bench parses it).
+    pub fn log_stats(&self) {
+        let k = self.probes.counters();
+        let export = self.exporter.stats();
+        let events = k[counter::DATA_EVENTS as usize] + k[counter::CONTROL_EVENTS as usize];
+        let dropped =
+            k[counter::DATA_RESERVE_FAILED as usize] + k[counter::CONTROL_RESERVE_FAILED as usize];
+        let s = &self.conns.counters;
+        let b = &self.builder.counters;
+        info!(
+            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} records={} decode_errors={} chunks={} messages={} parse_errors={} not_http={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} watched={}",
+            b.spans,
+            export.spans_dropped,
+            k[counter::COPY_FAILED as usize],
+            k[counter::INFLIGHT_FULL as usize],
+            k[counter::SOCKET_MAP_FULL as usize],
+            k[counter::IOVEC_OVERFLOW as usize],
+            self.counters.records,
+            self.counters.decode_errors,
+            s.chunks,
+            s.messages,
+            s.parse_errors,
+            s.not_http,
+            self.conns.len(),
+            s.evicted,
+            self.builder.pending_len(),
+            self.builder.active_len(),
+            b.unmatched_responses,
+            b.no_response,
+            self.probes.watched_len(),
+        );
+    }
+}
+
+/// Loads the probes, applies the selection to running processes, and runs until SIGINT/SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    crate::probes::check_kernel()?;
+    let selection = config.selection.clone();
+    let trace_all = selection.is_everything();
+    let kernel_selection = KernelSelection {
+        trace_all,
+        comms: selection.comms.clone(),
+        emit_exec: !selection.exes.is_empty(),
+    };
+    let mut probes = Probes::load(&kernel_selection)?;
+    let ring = probes.take_ring().context("ring buffer already taken")?;
+
+    let exporter = Exporter::new(ExportConfig {
+        otlp_endpoint: config.otlp_endpoint.clone(),
+        protocol: config.otlp_protocol,
+        console: config.console,
+    })
+    .context("setting up the exporters")?;
+
+    let mut agent = Agent {
+        probes,
+        selection,
+        conns: ConnTable::new(),
+        builder: SpanBuilder::new(Clock::now()),
+        procs: ProcessCache::new(config.name_rules.clone()),
+        exporter,
+        counters: AgentCounters::default(),
+        stream_events: Vec::new(),
+        spans: Vec::new(),
+    };
+    let watched = agent.adopt_running_processes(trace_all);
+    if trace_all {
+        info!("tracing every process on this host");
+    } else {
+        info!(
+            processes = watched,
+            "tracing the selected processes and their children"
+        );
+    }
+    if let Some(path) = &config.ready_file {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing ready file {}", path.display()))?;
+    }
+
+    // SAFETY: the RingBuf owns its map fd and moves into the AsyncFd, so the fd stays open
+    // and the same for the AsyncFd's whole life.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|err| anyhow::anyhow!("registering the ring buffer with tokio: {err}"))?;
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
+    // A zero interval disables the stats line; the timer then fires too rarely to matter.
+    let stats_every = match config.stats_interval_secs {
+        0 => Duration::from_secs(u64::from(u32::MAX)),
+        secs => Duration::from_secs(secs),
+    };
+    let mut stats =
+        tokio::time::interval_at(tokio::time::Instant::now() + stats_every, stats_every);
+    // Both listeners live across loop passes so a signal arriving mid-batch is not lost.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            // The kernel side wakes us only when the ring is filling up.
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                // Readiness is cleared only once the ring is empty, or records left behind
+                // would wait for the next wake-up.
+                if agent.drain_ring(guard.get_inner_mut()) {
+                    guard.clear_ready();
+                }
+            }
+            _ = drain.tick() => {
+                agent.drain_ring(ring.get_mut());
+            }
+            _ = housekeeping.tick() => agent.tick(),
+            _ = stats.tick() => agent.log_stats(),
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    agent.drain_ring(ring.get_mut());
+    info!("shutting down");
+    agent.log_stats();
+    agent.exporter.shutdown();
+    Ok(())
+}
+
+impl Agent {
+    /// Watches the running processes the selection names (and their descendants) and seeds
+    /// their open sockets, so connections from before the agent started are traced too.
+    fn adopt_running_processes(&mut self, trace_all: bool) -> usize {
+        let procs: Vec<procfs::ProcFacts> = procfs::all_pids()
+            .into_iter()
+            .filter_map(procfs::read_process)
+            .collect();
+        let me = std::process::id();
+        let chosen: Vec<u32> = if trace_all {
+            procs.iter().map(|p| p.tgid).filter(|t| *t != me).collect()
+        } else {
+            self.selection
+                .select(&procs)
+                .into_iter()
+                .filter(|t| *t != me)
+                .collect()
+        };
+        let mut seeded = 0usize;
+        let mut next_conn_id = SEEDED_CONN_ID_BASE;
+        let mut tables: HashMap<String, HashMap<u64, procfs::TcpSocket>> = HashMap::new();
+        let now = monotonic_ns();
+        for &tgid in &chosen {
+            if !trace_all {
+                self.probes.watch(tgid);
+            }
+            let fds = procfs::socket_fds(tgid);
+            if fds.is_empty() {
+                continue;
+            }
+            // One TCP table per network namespace, not per process.
+            let netns = std::fs::read_link(format!("/proc/{tgid}/ns/net"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| format!("pid-{tgid}"));
+            let table = tables
+                .entry(netns)
+                .or_insert_with(|| procfs::tcp_sockets(tgid));
+            let listening: Vec<u16> = fds
+                .iter()
+                .filter_map(|(_, inode)| table.get(inode))
+                .filter(|s| s.state == procfs::TCP_LISTEN)
+                .map(|s| s.local.port())
+                .collect();
+            for (fd, inode) in fds {
+                // Only established TCP connections carry requests; listening and Unix
+                // sockets would only cost map entries.
+                let Some(sock) = table.get(&inode) else {
+                    continue;
+                };
+                if sock.state != procfs::TCP_ESTABLISHED || seeded >= MAX_SEEDED_SOCKETS {
+                    continue;
+                }
+                next_conn_id += 1;
+                self.probes.seed_socket(tgid, fd, next_conn_id);
+                let role = if listening.contains(&sock.local.port()) {
+                    Role::Server
+                } else {
+                    Role::Client
+                };
+                let key = ConnKey {
+                    tgid,
+                    fd,
+                    conn_id: next_conn_id,
+                };
+                self.conns.open(
+                    key,
+                    Some(role),
+                    Some(sock.remote),
+                    now,
+                    &mut self.stream_events,
+                );
+                seeded += 1;
+            }
+        }
+        if seeded >= MAX_SEEDED_SOCKETS {
+            warn!(seeded, "not every pre-existing socket was seeded");
+        }
+        debug!(seeded, "pre-existing sockets seeded");
+        chosen.len()
+    }
+}

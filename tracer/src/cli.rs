@@ -1,0 +1,60 @@
+//! Command line of the agent. Everything it accepts ends up in [`crate::config::Config`].
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OtlpProtocol {
+    #[value(name = "grpc")]
+    Grpc,
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// difytrace: zero-code distributed tracing for Dify-style stacks, from eBPF.
+///
+/// With no selection it traces every process on the host. Spans are printed one per line
+/// unless an OTLP endpoint is given.
+#[derive(Debug, Parser)]
+#[command(name = "tracer", version)]
+pub struct Cli {
+    /// Trace this process and its future children (repeatable).
+    #[arg(long = "pid")]
+    pub pids: Vec<u32>,
+    /// Trace processes whose command name (comm, at most 15 bytes) is this, e.g. gunicorn
+    /// (repeatable). Matched at exec in the kernel and on existing processes at start.
+    #[arg(long = "comm")]
+    pub comms: Vec<String>,
+    /// Trace processes running this executable (full path, or a file name) (repeatable).
+    #[arg(long = "exe")]
+    pub exes: Vec<String>,
+    /// OTLP endpoint, e.g. http://127.0.0.1:4317 (gRPC) or http://127.0.0.1:4318 (HTTP).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
+        value_enum,
+        default_value = "grpc"
+    )]
+    pub otlp_protocol: OtlpProtocol,
+    /// Also print spans to stdout when exporting OTLP.
+    #[arg(long)]
+    pub console: bool,
+    /// Override service.name: `pid:1234=name`, `comm:gunicorn=api` or `exe:/usr/bin/x=name`
+    /// (repeatable).
+    #[arg(long = "service-name", value_name = "SELECTOR=NAME")]
+    pub service_names: Vec<String>,
+    /// File written once every probe is attached (for scripts and tests).
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// Seconds between self-statistics log lines (events, drops, spans); 0 disables them.
+    #[arg(long, default_value_t = 30)]
+    pub stats_interval: u64,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+}

@@ -1,0 +1,46 @@
+//! The agent's configuration, built from the command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+use crate::{
+    cli::{Cli, OtlpProtocol},
+    discover::{naming::NameRule, selection::Selection},
+};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub selection: Selection,
+    pub name_rules: Vec<NameRule>,
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    pub console: bool,
+    pub ready_file: Option<PathBuf>,
+    pub stats_interval_secs: u64,
+}
+
+impl Config {
+    pub fn from_cli(cli: &Cli) -> anyhow::Result<Self> {
+        let name_rules = cli
+            .service_names
+            .iter()
+            .map(|s| s.parse::<NameRule>())
+            .collect::<Result<Vec<_>, _>>()
+            .context("parsing --service-name")?;
+        let otlp_endpoint = cli.otlp_endpoint.clone().filter(|e| !e.trim().is_empty());
+        Ok(Self {
+            selection: Selection {
+                pids: cli.pids.clone(),
+                comms: cli.comms.clone(),
+                exes: cli.exes.clone(),
+            },
+            name_rules,
+            console: cli.console || otlp_endpoint.is_none(),
+            otlp_endpoint,
+            otlp_protocol: cli.otlp_protocol,
+            ready_file: cli.ready_file.clone(),
+            stats_interval_secs: cli.stats_interval,
+        })
+    }
+}

@@ -1,0 +1,5 @@
+//! Which processes to watch, and what they are: /proc scans, exec/exit events, service names.
+
+pub mod naming;
+pub mod procfs;
+pub mod selection;

@@ -1,0 +1,11 @@
+//! difytrace agent library: probes -> stream -> protocol -> span -> export.
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod discover;
+pub mod export;
+pub mod probes;
+pub mod protocol;
+pub mod span;
+pub mod stream;

@@ -1,0 +1,209 @@
+//! Loads the kernel programs, attaches them, and hands ring buffer records to the pipeline.
+
+pub mod event;
+pub mod tracefs;
+
+use std::os::fd::AsRawFd as _;
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tracer_common::{SockInfo, counter, sock_key};
+use tracing::{debug, info, warn};
+
+/// The object built by tracer/build.rs from tracer-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+/// Syscall tracepoints, as (category, name). Each has an enter and an exit program.
+const SYSCALLS: &[&str] = &[
+    "read", "write", "readv", "writev", "sendto", "recvfrom", "sendmsg", "recvmsg", "accept",
+    "accept4", "connect",
+];
+
+/// What the kernel side should select, decided by the CLI.
+#[derive(Debug, Clone, Default)]
+pub struct KernelSelection {
+    pub trace_all: bool,
+    pub comms: Vec<String>,
+    pub emit_exec: bool,
+}
+
+/// Loaded and attached programs plus handles on the maps user space writes.
+pub struct Probes {
+    /// Kept alive: dropping it detaches everything.
+    _ebpf: Ebpf,
+    ring: Option<RingBuf<MapData>>,
+    watched: BpfHashMap<MapData, u32, u8>,
+    sockets: BpfHashMap<MapData, u64, SockInfo>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// Kernel counters summed over CPUs, indexed by `tracer_common::counter`.
+pub type KernelCounters = [u64; counter::COUNT as usize];
+
+impl Probes {
+    pub fn load(selection: &KernelSelection) -> anyhow::Result<Self> {
+        tracefs::ensure_mounted()?;
+        bump_memlock_rlimit();
+        let fork_child_pid_offset =
+            tracefs::field_offset("sched", "sched_process_fork", "child_pid")
+                .context("reading the sched_process_fork record layout")?;
+        let trace_all = u8::from(selection.trace_all);
+        let emit_exec = u8::from(selection.emit_exec);
+        let agent_tgid = std::process::id();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("TRACE_ALL", &trace_all, true)
+            .override_global("EMIT_EXEC", &emit_exec, true)
+            .override_global("AGENT_TGID", &agent_tgid, true)
+            .override_global("FORK_CHILD_PID_OFFSET", &fork_child_pid_offset, true)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (is this root on Linux >= 6.1 with BTF?)")?;
+
+        let mut attached = 0usize;
+        for name in SYSCALLS {
+            for phase in ["enter", "exit"] {
+                let prog = format!("sys_{phase}_{name}");
+                attach_tracepoint(&mut ebpf, &prog, "syscalls")?;
+                attached += 1;
+            }
+        }
+        attach_tracepoint(&mut ebpf, "sys_enter_close", "syscalls")?;
+        for prog in [
+            "sched_process_fork",
+            "sched_process_exec",
+            "sched_process_exit",
+        ] {
+            attach_tracepoint(&mut ebpf, prog, "sched")?;
+        }
+        attached += 4;
+
+        let mut comm_filter: BpfHashMap<_, [u8; 16], u8> =
+            BpfHashMap::try_from(ebpf.take_map("COMM_FILTER").context("map COMM_FILTER")?)?;
+        for comm in &selection.comms {
+            comm_filter
+                .insert(&comm_key(comm), &1, 0)
+                .with_context(|| format!("adding comm filter {comm}"))?;
+        }
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
+        let watched = BpfHashMap::try_from(ebpf.take_map("WATCHED").context("map WATCHED")?)?;
+        let sockets = BpfHashMap::try_from(ebpf.take_map("SOCKETS").context("map SOCKETS")?)?;
+        let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS")?)?;
+        info!(
+            programs = attached,
+            ring_fd = ring.as_raw_fd(),
+            "eBPF programs attached"
+        );
+        Ok(Self {
+            _ebpf: ebpf,
+            ring: Some(ring),
+            watched,
+            sockets,
+            counters,
+        })
+    }
+
+    /// The ring buffer, handed once to the event loop.
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    /// Starts following a process in the kernel.
+    pub fn watch(&mut self, tgid: u32) {
+        if let Err(err) = self.watched.insert(&tgid, &1, 0) {
+            warn!(tgid, %err, "cannot watch process (map full?)");
+        }
+    }
+
+    /// Seeds a socket that existed before the agent started, so its data is captured.
+    pub fn seed_socket(&mut self, tgid: u32, fd: i32, conn_id: u64) {
+        let info = SockInfo {
+            conn_id,
+            role: tracer_common::role::UNKNOWN,
+            _pad: [0; 7],
+        };
+        if let Err(err) = self.sockets.insert(&sock_key(tgid, fd), &info, 0) {
+            debug!(tgid, fd, %err, "cannot seed socket");
+        }
+    }
+
+    /// Drops the kernel's entry for a socket of a process that exited.
+    pub fn forget_socket(&mut self, tgid: u32, fd: i32) {
+        let _ = self.sockets.remove(&sock_key(tgid, fd));
+    }
+
+    /// Number of entries in the watched map (for self-statistics).
+    pub fn watched_len(&self) -> usize {
+        self.watched.keys().count()
+    }
+
+    pub fn counters(&self) -> KernelCounters {
+        let mut out = [0u64; counter::COUNT as usize];
+        for (index, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.counters.get(&(index as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, prog: &str, category: &str) -> anyhow::Result<()> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(prog)
+        .with_context(|| format!("program {prog} missing from the object"))?
+        .try_into()
+        .with_context(|| format!("program {prog} is not a tracepoint"))?;
+    program
+        .load()
+        .with_context(|| format!("verifier rejected {prog}"))?;
+    program
+        .attach(category, prog)
+        .with_context(|| format!("attaching {category}/{prog}"))?;
+    Ok(())
+}
+
+/// The kernel stores comm as 16 NUL-padded bytes, at most 15 of them text.
+pub fn comm_key(comm: &str) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    for (dst, src) in key.iter_mut().zip(comm.as_bytes().iter().take(15)) {
+        *dst = *src;
+    }
+    key
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn bump_memlock_rlimit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        debug!("cannot raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    }
+}
+
+/// Fails with a clear message on kernels older than the supported floor.
+pub fn check_kernel() -> anyhow::Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading /proc/sys/kernel/osrelease")?;
+    let mut parts = release.trim().split(['.', '-']);
+    let major: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    if (major, minor) < (6, 1) {
+        bail!(
+            "kernel {} is too old: difytrace needs Linux >= 6.1",
+            release.trim()
+        );
+    }
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!(
+            "kernel BTF (/sys/kernel/btf/vmlinux) is missing: difytrace needs CONFIG_DEBUG_INFO_BTF"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Pure parsers over captured bytes: no I/O, resumable across chunk borders, never panic.
+
+pub mod http1;

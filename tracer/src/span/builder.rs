@@ -1,0 +1,524 @@
+//! Pairs requests with responses per connection and gives each pair its place in a trace.
+//!
+//! Linking inside a process: a SERVER span is "active" on the thread that received its
+//! request from the moment the request is complete until its response is complete; a CLIENT
+//! request started on that thread meanwhile is its child (sync workers, thread-per-request).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::Arc,
+};
+
+use rand::Rng as _;
+
+use super::{
+    clock::Clock,
+    http_attrs,
+    model::{FinishedSpan, ProcessResource, SpanKind},
+    traceparent,
+};
+use crate::{
+    protocol::http1::{Http1Message, StartLine},
+    stream::{ConnKey, Role, StreamEvent},
+};
+
+/// Requests waiting for their response on one connection (pipelining depth bound).
+pub const MAX_PENDING_PER_CONN: usize = 64;
+/// Server spans active on threads at once.
+pub const MAX_ACTIVE_THREADS: usize = 65536;
+
+/// Ids of a span, fixed when its request is seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanIds {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub parent_is_remote: bool,
+}
+
+struct Pending {
+    ids: SpanIds,
+    tid: u32,
+    request: Box<Http1Message>,
+    peer: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BuilderCounters {
+    pub spans: u64,
+    pub unmatched_responses: u64,
+    pub pending_dropped: u64,
+    pub no_response: u64,
+}
+
+/// Where a span's resource comes from (the process cache of the agent).
+pub trait ResourceSource {
+    fn resource(&mut self, tgid: u32) -> Arc<ProcessResource>;
+}
+
+#[derive(Default)]
+pub struct SpanBuilder {
+    pending: HashMap<ConnKey, (Role, VecDeque<Pending>)>,
+    /// Open SERVER spans per (tgid, tid), innermost last.
+    active: HashMap<(u32, u32), Vec<SpanIds>>,
+    pub counters: BuilderCounters,
+    clock: Option<Clock>,
+}
+
+impl SpanBuilder {
+    pub fn new(clock: Clock) -> Self {
+        Self {
+            clock: Some(clock),
+            ..Default::default()
+        }
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending.values().map(|(_, q)| q.len()).sum()
+    }
+
+    pub fn active_len(&self) -> usize {
+        self.active.len()
+    }
+
+    pub fn on_event(
+        &mut self,
+        event: StreamEvent,
+        resources: &mut dyn ResourceSource,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        match event {
+            StreamEvent::Message {
+                key,
+                role,
+                tid,
+                peer,
+                message,
+            } => match message.start_line {
+                StartLine::Request { .. } => self.on_request(key, role, tid, peer, message),
+                StartLine::Response { status, .. } => {
+                    if (100..200).contains(&status) && status != 101 {
+                        return;
+                    }
+                    self.on_response(key, message, resources, out);
+                }
+            },
+            StreamEvent::Closed { key, ts_ns } => self.on_closed(key, ts_ns, resources, out),
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        key: ConnKey,
+        role: Role,
+        tid: u32,
+        peer: Option<SocketAddr>,
+        request: Box<Http1Message>,
+    ) {
+        let incoming = request.header("traceparent").and_then(traceparent::parse);
+        let ids = match role {
+            Role::Server => {
+                let ids = match incoming {
+                    Some(tp) => SpanIds {
+                        trace_id: tp.trace_id,
+                        span_id: new_span_id(),
+                        parent_span_id: Some(tp.span_id),
+                        parent_is_remote: true,
+                    },
+                    None => root_ids(),
+                };
+                if self.active.len() < MAX_ACTIVE_THREADS
+                    || self.active.contains_key(&(key.tgid, tid))
+                {
+                    self.active.entry((key.tgid, tid)).or_default().push(ids);
+                }
+                ids
+            }
+            Role::Client => {
+                let inferred = self
+                    .active
+                    .get(&(key.tgid, tid))
+                    .and_then(|stack| stack.last());
+                match (inferred, incoming) {
+                    (Some(parent), _) => SpanIds {
+                        trace_id: parent.trace_id,
+                        span_id: new_span_id(),
+                        parent_span_id: Some(parent.span_id),
+                        parent_is_remote: false,
+                    },
+                    // The application propagates its own context: our span sits under it.
+                    (None, Some(tp)) => SpanIds {
+                        trace_id: tp.trace_id,
+                        span_id: new_span_id(),
+                        parent_span_id: Some(tp.span_id),
+                        parent_is_remote: true,
+                    },
+                    (None, None) => root_ids(),
+                }
+            }
+        };
+        let (_, queue) = self
+            .pending
+            .entry(key)
+            .or_insert_with(|| (role, VecDeque::new()));
+        if queue.len() >= MAX_PENDING_PER_CONN
+            && let Some(dropped) = queue.pop_front()
+        {
+            self.counters.pending_dropped += 1;
+            if role == Role::Server {
+                deactivate(&mut self.active, key.tgid, dropped.tid, dropped.ids.span_id);
+            }
+        }
+        queue.push_back(Pending {
+            ids,
+            tid,
+            request,
+            peer,
+        });
+    }
+
+    fn on_response(
+        &mut self,
+        key: ConnKey,
+        response: Box<Http1Message>,
+        resources: &mut dyn ResourceSource,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        let Some((role, queue)) = self.pending.get_mut(&key) else {
+            self.counters.unmatched_responses += 1;
+            return;
+        };
+        let role = *role;
+        let Some(pending) = queue.pop_front() else {
+            self.counters.unmatched_responses += 1;
+            return;
+        };
+        if queue.is_empty() {
+            self.pending.remove(&key);
+        }
+        let end_ns = response.last.exit_ns;
+        out.push(self.finish(key, role, pending, Some(&response), end_ns, resources));
+    }
+
+    fn on_closed(
+        &mut self,
+        key: ConnKey,
+        ts_ns: u64,
+        resources: &mut dyn ResourceSource,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        let Some((role, queue)) = self.pending.remove(&key) else {
+            return;
+        };
+        for pending in queue {
+            self.counters.no_response += 1;
+            out.push(self.finish(key, role, pending, None, ts_ns, resources));
+        }
+    }
+
+    fn finish(
+        &mut self,
+        key: ConnKey,
+        role: Role,
+        pending: Pending,
+        response: Option<&Http1Message>,
+        end_ns: u64,
+        resources: &mut dyn ResourceSource,
+    ) -> FinishedSpan {
+        let kind = match role {
+            Role::Server => SpanKind::Server,
+            Role::Client => SpanKind::Client,
+        };
+        if role == Role::Server {
+            deactivate(&mut self.active, key.tgid, pending.tid, pending.ids.span_id);
+        }
+        // A server's request starts when it is received; a client's when it starts sending.
+        let start_ns = match role {
+            Role::Server => pending.request.first.exit_ns,
+            Role::Client => pending.request.first.enter_ns,
+        };
+        let end_ns = end_ns.max(start_ns);
+        let (attributes, status) =
+            http_attrs::attributes(kind, &pending.request, response, pending.peer);
+        let clock = self.clock.unwrap_or_else(Clock::now);
+        self.counters.spans += 1;
+        FinishedSpan {
+            trace_id: pending.ids.trace_id,
+            span_id: pending.ids.span_id,
+            parent_span_id: pending.ids.parent_span_id,
+            parent_is_remote: pending.ids.parent_is_remote,
+            kind,
+            name: http_attrs::span_name(&pending.request),
+            start: clock.to_system_time(start_ns),
+            end: clock.to_system_time(end_ns),
+            attributes,
+            links: Vec::new(),
+            status,
+            resource: resources.resource(key.tgid),
+        }
+    }
+
+    /// Drops what belongs to an exited process that no Closed event covered.
+    pub fn forget_process(&mut self, tgid: u32) {
+        self.active.retain(|(t, _), _| *t != tgid);
+        self.pending.retain(|k, _| k.tgid != tgid);
+    }
+}
+
+fn deactivate(
+    active: &mut HashMap<(u32, u32), Vec<SpanIds>>,
+    tgid: u32,
+    tid: u32,
+    span_id: [u8; 8],
+) {
+    if let Some(stack) = active.get_mut(&(tgid, tid)) {
+        stack.retain(|ids| ids.span_id != span_id);
+        if stack.is_empty() {
+            active.remove(&(tgid, tid));
+        }
+    }
+}
+
+fn root_ids() -> SpanIds {
+    let mut trace_id = [0u8; 16];
+    while trace_id == [0; 16] {
+        rand::rng().fill(&mut trace_id);
+    }
+    SpanIds {
+        trace_id,
+        span_id: new_span_id(),
+        parent_span_id: None,
+        parent_is_remote: false,
+    }
+}
+
+fn new_span_id() -> [u8; 8] {
+    let mut id = [0u8; 8];
+    while id == [0; 8] {
+        rand::rng().fill(&mut id);
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        protocol::http1::ChunkTs,
+        span::model::{AttrValue, SpanStatus},
+        stream::ConnTable,
+    };
+
+    struct Fixed;
+    impl ResourceSource for Fixed {
+        fn resource(&mut self, tgid: u32) -> Arc<ProcessResource> {
+            Arc::new(ProcessResource {
+                service_name: "app".into(),
+                pid: tgid,
+                executable_name: "python3".into(),
+                host_name: "h".into(),
+            })
+        }
+    }
+
+    struct World {
+        conns: ConnTable,
+        builder: SpanBuilder,
+        spans: Vec<FinishedSpan>,
+        now: u64,
+    }
+
+    impl World {
+        fn new() -> Self {
+            Self {
+                conns: ConnTable::new(),
+                builder: SpanBuilder::new(Clock::now()),
+                spans: Vec::new(),
+                now: 1_000,
+            }
+        }
+        fn pump(&mut self, events: Vec<StreamEvent>) {
+            for e in events {
+                self.builder.on_event(e, &mut Fixed, &mut self.spans);
+            }
+        }
+        fn open(&mut self, key: ConnKey, role: Role) {
+            let mut out = Vec::new();
+            self.conns.open(
+                key,
+                Some(role),
+                Some("127.0.0.1:9000".parse().unwrap()),
+                self.now,
+                &mut out,
+            );
+            self.pump(out);
+        }
+        fn io(&mut self, key: ConnKey, tid: u32, ingress: bool, bytes: &[u8]) {
+            self.now += 1_000;
+            let ts = ChunkTs {
+                enter_ns: self.now,
+                exit_ns: self.now + 10,
+            };
+            let mut out = Vec::new();
+            self.conns
+                .data(key, tid, ingress, bytes, bytes.len() as u64, ts, &mut out);
+            self.pump(out);
+        }
+        fn close(&mut self, key: ConnKey) {
+            self.now += 1_000;
+            let mut out = Vec::new();
+            self.conns.close(key, self.now, &mut out);
+            self.pump(out);
+        }
+    }
+
+    const SERVER: ConnKey = ConnKey {
+        tgid: 10,
+        fd: 5,
+        conn_id: 1,
+    };
+    const CLIENT: ConnKey = ConnKey {
+        tgid: 10,
+        fd: 6,
+        conn_id: 2,
+    };
+
+    #[test]
+    fn client_call_inside_a_server_request_is_its_child() {
+        let mut w = World::new();
+        w.open(SERVER, Role::Server);
+        w.io(
+            SERVER,
+            11,
+            true,
+            b"GET /chain?x=secret HTTP/1.1\r\nHost: a:8000\r\nAuthorization: Bearer s3cret\r\n\r\n",
+        );
+        w.open(CLIENT, Role::Client);
+        w.io(
+            CLIENT,
+            11,
+            false,
+            b"GET /down HTTP/1.1\r\nHost: b:9000\r\n\r\n",
+        );
+        w.io(
+            CLIENT,
+            11,
+            true,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        );
+        w.close(CLIENT);
+        w.io(
+            SERVER,
+            11,
+            false,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        );
+        w.close(SERVER);
+        assert_eq!(w.spans.len(), 2);
+        let client = &w.spans[0];
+        let server = &w.spans[1];
+        assert_eq!(client.kind, SpanKind::Client);
+        assert_eq!(server.kind, SpanKind::Server);
+        assert_eq!(server.name, "GET /chain");
+        assert_eq!(client.trace_id, server.trace_id);
+        assert_eq!(client.parent_span_id, Some(server.span_id));
+        assert_eq!(server.parent_span_id, None);
+        assert!(client.start >= server.start && client.end <= server.end);
+        assert_eq!(
+            server.attr("http.response.status_code"),
+            Some(&AttrValue::Int(200))
+        );
+        assert_eq!(
+            server.attr("url.path"),
+            Some(&AttrValue::Str("/chain".into()))
+        );
+        assert_eq!(client.attr("server.port"), Some(&AttrValue::Int(9000)));
+        let all = format!("{:?}", w.spans);
+        assert!(
+            !all.contains("s3cret") && !all.contains("secret"),
+            "a secret leaked: {all}"
+        );
+        assert_eq!(w.builder.active_len(), 0);
+        assert_eq!(w.builder.pending_len(), 0);
+    }
+
+    #[test]
+    fn other_threads_do_not_inherit_and_traceparent_is_honored() {
+        let mut w = World::new();
+        w.open(SERVER, Role::Server);
+        w.io(SERVER, 11, true, b"GET /a HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n");
+        w.open(CLIENT, Role::Client);
+        w.io(CLIENT, 12, false, b"GET /b HTTP/1.1\r\n\r\n");
+        w.io(
+            CLIENT,
+            12,
+            true,
+            b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n",
+        );
+        w.io(SERVER, 11, false, b"HTTP/1.1 204 No Content\r\n\r\n");
+        let (client, server) = (&w.spans[0], &w.spans[1]);
+        assert_ne!(client.trace_id, server.trace_id);
+        assert_eq!(client.parent_span_id, None);
+        assert_eq!(client.status, SpanStatus::Error("500".into()));
+        assert_eq!(server.trace_id[0], 0x4b);
+        assert_eq!(
+            server.parent_span_id,
+            Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+        );
+        assert!(server.parent_is_remote);
+    }
+
+    #[test]
+    fn keep_alive_pairs_in_order_and_close_ends_the_unanswered() {
+        let mut w = World::new();
+        w.open(SERVER, Role::Server);
+        w.io(
+            SERVER,
+            11,
+            true,
+            b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n",
+        );
+        w.io(
+            SERVER,
+            11,
+            false,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na",
+        );
+        w.close(SERVER);
+        assert_eq!(w.spans.len(), 2);
+        assert_eq!(w.spans[0].name, "GET /1");
+        assert_eq!(w.spans[0].status, SpanStatus::Unset);
+        assert_eq!(w.spans[1].name, "GET /2");
+        assert!(matches!(w.spans[1].status, SpanStatus::Error(_)));
+        assert_eq!(w.builder.counters.no_response, 1);
+    }
+
+    #[test]
+    fn unknown_role_is_inferred_from_the_first_bytes() {
+        let mut w = World::new();
+        let key = ConnKey {
+            tgid: 10,
+            fd: 7,
+            conn_id: 9,
+        };
+        w.io(
+            key,
+            11,
+            true,
+            b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+        );
+        w.io(
+            key,
+            11,
+            false,
+            b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert_eq!(w.spans.len(), 1);
+        assert_eq!(w.spans[0].kind, SpanKind::Server);
+        assert_eq!(
+            w.spans[0].attr("http.request.body.size"),
+            Some(&AttrValue::Int(3))
+        );
+    }
+}

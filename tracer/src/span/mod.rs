@@ -1,0 +1,7 @@
+//! Requests to spans: identity, parent/child linking, W3C traceparent.
+
+pub mod builder;
+pub mod clock;
+pub mod http_attrs;
+pub mod model;
+pub mod traceparent;

@@ -1,0 +1,83 @@
+//! A finished span, as the span layer hands it to the exporters.
+
+use std::{sync::Arc, time::SystemTime};
+
+/// OpenTelemetry span kind (only the kinds difytrace produces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanKind {
+    Server,
+    Client,
+    Internal,
+}
+
+/// An attribute value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+    F64(f64),
+}
+
+/// Who produced a span: one entry per traced process (the OTel resource).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProcessResource {
+    pub service_name: String,
+    pub pid: u32,
+    pub executable_name: String,
+    pub host_name: String,
+}
+
+/// Span status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpanStatus {
+    Unset,
+    Error(String),
+}
+
+/// A link to another span context (e.g. an incoming traceparent that lost to an inferred parent).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanLink {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub attributes: Vec<(String, AttrValue)>,
+}
+
+/// A span ready for export.
+#[derive(Debug, Clone)]
+pub struct FinishedSpan {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    /// True when the parent came from a remote traceparent header.
+    pub parent_is_remote: bool,
+    pub kind: SpanKind,
+    pub name: String,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub attributes: Vec<(String, AttrValue)>,
+    pub links: Vec<SpanLink>,
+    pub status: SpanStatus,
+    pub resource: Arc<ProcessResource>,
+}
+
+impl FinishedSpan {
+    /// The value of attribute `key`, if set.
+    pub fn attr(&self, key: &str) -> Option<&AttrValue> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
+}
+
+/// Lower-case hex of an id.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}

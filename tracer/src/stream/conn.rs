@@ -1,0 +1,172 @@
+//! One connection of one process, seen from that process.
+
+use std::net::SocketAddr;
+
+use crate::protocol::http1::{ChunkTs, Http1Event, Http1Parser, Side};
+
+/// A connection as the kernel named it: the fd of a process plus the generation of the socket
+/// behind it, so a reused fd number is a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: i32,
+    pub conn_id: u64,
+}
+
+/// Which end of the connection the process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// It sends requests.
+    Client,
+    /// It receives requests.
+    Server,
+}
+
+/// How many recent chunks per direction remember their thread.
+const TID_HISTORY: usize = 16;
+
+/// Parsing state of one connection.
+pub struct Conn {
+    pub role: Option<Role>,
+    pub peer: Option<SocketAddr>,
+    pub last_seen_ns: u64,
+    /// Chunks seen before the role was known; after too many the stream is given up.
+    pub unknown_chunks: u32,
+    pub not_http: bool,
+    requests: Http1Parser,
+    responses: Http1Parser,
+    /// (exit timestamp, tid) of recent chunks per direction: [requests, responses].
+    tids: [[(u64, u32); TID_HISTORY]; 2],
+    tid_next: [usize; 2],
+}
+
+/// Which parser a chunk goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Requests,
+    Responses,
+}
+
+impl Conn {
+    pub fn new(role: Option<Role>, peer: Option<SocketAddr>, now_ns: u64) -> Self {
+        Self {
+            role,
+            peer,
+            last_seen_ns: now_ns,
+            unknown_chunks: 0,
+            not_http: false,
+            requests: Http1Parser::new(Side::Request),
+            responses: Http1Parser::new(Side::Response),
+            tids: [[(0, 0); TID_HISTORY]; 2],
+            tid_next: [0; 2],
+        }
+    }
+
+    /// The flow of a chunk in the given direction, once the role is known.
+    pub fn flow(&self, ingress: bool) -> Option<Flow> {
+        match (self.role?, ingress) {
+            (Role::Server, true) | (Role::Client, false) => Some(Flow::Requests),
+            (Role::Server, false) | (Role::Client, true) => Some(Flow::Responses),
+        }
+    }
+
+    pub fn feed(
+        &mut self,
+        flow: Flow,
+        data: &[u8],
+        gap: u64,
+        ts: ChunkTs,
+        tid: u32,
+        out: &mut Vec<Http1Event>,
+    ) {
+        let slot = flow as usize;
+        self.tids[slot][self.tid_next[slot] % TID_HISTORY] = (ts.exit_ns, tid);
+        self.tid_next[slot] = self.tid_next[slot].wrapping_add(1);
+        let parser = match flow {
+            Flow::Requests => &mut self.requests,
+            Flow::Responses => &mut self.responses,
+        };
+        if !data.is_empty() {
+            parser.feed(data, ts, out);
+        }
+        if gap > 0 {
+            parser.gap(gap, ts, out);
+        }
+    }
+
+    /// The thread that moved the chunk with this exit timestamp (the first byte of a message).
+    pub fn tid_at(&self, flow: Flow, exit_ns: u64) -> Option<u32> {
+        self.tids[flow as usize]
+            .iter()
+            .find(|(ts, tid)| *ts == exit_ns && *tid != 0)
+            .map(|(_, tid)| *tid)
+    }
+
+    /// Responses on this connection answer requests with these methods, in order.
+    pub fn note_request_method(&mut self, method: &str) {
+        self.responses.push_request_method(method);
+    }
+
+    pub fn close(
+        &mut self,
+        ts: ChunkTs,
+        requests: &mut Vec<Http1Event>,
+        responses: &mut Vec<Http1Event>,
+    ) {
+        self.requests.close(ts, requests);
+        self.responses.close(ts, responses);
+    }
+
+    pub fn gave_up(&self) -> bool {
+        self.not_http || self.requests.is_not_http() || self.responses.is_not_http()
+    }
+}
+
+/// Guess the role of a connection from its first bytes: a request line marks the sender as
+/// the client, a status line marks it as the server.
+pub fn infer_role(first: &[u8], ingress: bool) -> Option<Role> {
+    let sends_request = if first.starts_with(b"HTTP/1.") {
+        false
+    } else if looks_like_request(first) {
+        true
+    } else {
+        return None;
+    };
+    // The process receiving a request is the server; the process sending one, the client.
+    Some(match (sends_request, ingress) {
+        (true, true) | (false, false) => Role::Server,
+        (true, false) | (false, true) => Role::Client,
+    })
+}
+
+fn looks_like_request(data: &[u8]) -> bool {
+    const METHODS: &[&[u8]] = &[
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"HEAD ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
+        b"TRACE ",
+    ];
+    METHODS.iter().any(|m| data.starts_with(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_from_first_bytes() {
+        assert_eq!(infer_role(b"GET / HTTP/1.1\r\n", true), Some(Role::Server));
+        assert_eq!(infer_role(b"GET / HTTP/1.1\r\n", false), Some(Role::Client));
+        assert_eq!(infer_role(b"HTTP/1.1 200 OK\r\n", true), Some(Role::Client));
+        assert_eq!(
+            infer_role(b"HTTP/1.1 200 OK\r\n", false),
+            Some(Role::Server)
+        );
+        assert_eq!(infer_role(b"\x16\x03\x01", true), None);
+    }
+}
