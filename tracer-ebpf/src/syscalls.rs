@@ -1,14 +1,18 @@
-//! Syscall tracepoints on the socket paths: enter records the arguments, exit copies what the
-//! syscall really moved. Only sockets learned from accept/connect (or seeded by user space)
-//! are followed, so other fds of a watched process cost one map lookup.
+//! Raw sys_enter/sys_exit tracepoints on the socket paths: enter records the arguments, exit
+//! copies what the syscall really moved. Only sockets learned from accept/connect (or seeded
+//! by user space) are followed, so other fds of a watched process cost one map lookup.
+//!
+//! Raw tracepoints rather than the per-syscall ones: the per-syscall tracepoints go through
+//! perf's record setup for every traced syscall of every process, which measured as several
+//! percent of a busy server's throughput even when no process was watched.
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{self, bpf_get_current_cgroup_id},
     },
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
 };
 use tracer_common::{
     ConnEvent, DataEvent, MAX_CAPTURE, MAX_IOVECS, SockAddr, SockInfo, counter, direction, kind,
@@ -33,23 +37,88 @@ const AF_INET6: u16 = 10;
 const MSG_PEEK: u64 = 2;
 const EINPROGRESS: i64 = 115;
 
-/// Offsets in the syscall tracepoint records (stable since the records were introduced).
-const ARG0: usize = 16;
-const ARG1: usize = 24;
-const ARG2: usize = 32;
-const ARG3: usize = 40;
-const RET: usize = 16;
+/// x86_64 syscall numbers of the hooked calls.
+mod nr {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const CLOSE: u64 = 3;
+    pub const READV: u64 = 19;
+    pub const WRITEV: u64 = 20;
+    pub const CONNECT: u64 = 42;
+    pub const ACCEPT: u64 = 43;
+    pub const SENDTO: u64 = 44;
+    pub const RECVFROM: u64 = 45;
+    pub const SENDMSG: u64 = 46;
+    pub const RECVMSG: u64 = 47;
+    pub const ACCEPT4: u64 = 288;
+}
+
+/// Offsets in x86_64 `struct pt_regs` of the first four syscall arguments (di, si, dx, r10)
+/// and of orig_ax (the syscall number, still there at exit).
+const PT_REGS_ARGS: [usize; 4] = [112, 104, 96, 56];
+const PT_REGS_ORIG_AX: usize = 120;
+
+type Args = [u64; 4];
 
 #[inline(always)]
-fn arg(ctx: &TracePointContext, offset: usize) -> u64 {
-    // SAFETY: offsets inside the tracepoint record.
-    unsafe { ctx.read_at::<u64>(offset) }.unwrap_or(0)
+fn read_regs_u64(regs: u64, offset: usize) -> u64 {
+    // SAFETY: kernel pointer handed to the tracepoint; read through the helper.
+    unsafe { bpf_probe_read_kernel((regs as usize + offset) as *const u64) }.unwrap_or(0)
 }
 
 #[inline(always)]
-fn ret(ctx: &TracePointContext) -> i64 {
-    // SAFETY: offset inside the tracepoint record.
-    unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1)
+fn read_args(regs: u64) -> Args {
+    [
+        read_regs_u64(regs, PT_REGS_ARGS[0]),
+        read_regs_u64(regs, PT_REGS_ARGS[1]),
+        read_regs_u64(regs, PT_REGS_ARGS[2]),
+        read_regs_u64(regs, PT_REGS_ARGS[3]),
+    ]
+}
+
+/// sys_enter(struct pt_regs *regs, long id): dispatch on the syscall number first, so the
+/// other syscalls of the host cost a compare.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
+    let id: u64 = ctx.arg(1);
+    let regs: u64 = ctx.arg(0);
+    match id {
+        nr::READ => enter_data(regs, op::BUF, direction::INGRESS, None),
+        nr::WRITE => enter_data(regs, op::BUF, direction::EGRESS, None),
+        nr::READV => enter_data(regs, op::IOVEC, direction::INGRESS, None),
+        nr::WRITEV => enter_data(regs, op::IOVEC, direction::EGRESS, None),
+        nr::SENDTO => enter_data(regs, op::BUF, direction::EGRESS, None),
+        nr::RECVFROM => enter_data(regs, op::BUF, direction::INGRESS, Some(3)),
+        nr::SENDMSG => enter_data(regs, op::MSGHDR, direction::EGRESS, None),
+        nr::RECVMSG => enter_data(regs, op::MSGHDR, direction::INGRESS, Some(2)),
+        nr::ACCEPT | nr::ACCEPT4 => enter_accept(regs),
+        nr::CONNECT => enter_connect(regs),
+        nr::CLOSE => enter_close(regs),
+        _ => {}
+    }
+    0
+}
+
+/// sys_exit(struct pt_regs *regs, long ret).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
+    let regs: u64 = ctx.arg(0);
+    let id = read_regs_u64(regs, PT_REGS_ORIG_AX);
+    let ret: i64 = ctx.arg(1);
+    match id {
+        nr::READ
+        | nr::WRITE
+        | nr::READV
+        | nr::WRITEV
+        | nr::SENDTO
+        | nr::RECVFROM
+        | nr::SENDMSG
+        | nr::RECVMSG => exit_data(ret),
+        nr::ACCEPT | nr::ACCEPT4 => exit_accept(ret),
+        nr::CONNECT => exit_connect(ret),
+        _ => {}
+    }
+    0
 }
 
 #[inline(always)]
@@ -84,22 +153,22 @@ fn inflight(op: u8, dir: u8, fd: i32, ptr: u64, len: u64) -> Inflight {
 
 /// Enter of a data syscall: remember its arguments when the fd is a followed socket.
 #[inline(always)]
-fn enter_data(ctx: &TracePointContext, op: u8, dir: u8, peek_flags_at: Option<usize>) -> u32 {
+fn enter_data(regs: u64, op: u8, dir: u8, peek_flags_arg: Option<usize>) {
     let Some((id, tgid)) = current_if_watched() else {
-        return 0;
+        return;
     };
-    let fd = arg(ctx, ARG0) as i32;
+    let fd = read_regs_u64(regs, PT_REGS_ARGS[0]) as i32;
     if !is_socket(tgid, fd) {
-        return 0;
+        return;
     }
-    if let Some(at) = peek_flags_at
-        && arg(ctx, at) & MSG_PEEK != 0
+    let args = read_args(regs);
+    if let Some(i) = peek_flags_arg
+        && args.get(i).copied().unwrap_or(0) & MSG_PEEK != 0
     {
         // Peeked bytes are read again later; copying them now would duplicate them.
-        return 0;
+        return;
     }
-    save(id, &inflight(op, dir, fd, arg(ctx, ARG1), arg(ctx, ARG2)));
-    0
+    save(id, &inflight(op, dir, fd, args[1], args[2]));
 }
 
 /// The taken in-flight record of the current thread, if any.
@@ -227,13 +296,12 @@ fn emit_iovecs(
 
 /// Exit of a data syscall: copy what it moved.
 #[inline(always)]
-fn exit_data(ctx: &TracePointContext) -> u32 {
+fn exit_data(moved: i64) {
     let Some((id, saved)) = take_inflight() else {
-        return 0;
+        return;
     };
-    let moved = ret(ctx);
     if moved <= 0 {
-        return 0;
+        return;
     }
     let moved = moved as u64;
     let now = unsafe { bpf_ktime_get_ns() };
@@ -258,78 +326,7 @@ fn exit_data(ctx: &TracePointContext) -> u32 {
         }
         _ => {}
     }
-    0
 }
-
-macro_rules! data_hooks {
-    ($enter:ident, $exit:ident, $op:expr, $dir:expr, $peek:expr) => {
-        #[tracepoint]
-        pub fn $enter(ctx: TracePointContext) -> u32 {
-            enter_data(&ctx, $op, $dir, $peek)
-        }
-        #[tracepoint]
-        pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit_data(&ctx)
-        }
-    };
-}
-
-data_hooks!(
-    sys_enter_read,
-    sys_exit_read,
-    op::BUF,
-    direction::INGRESS,
-    None
-);
-data_hooks!(
-    sys_enter_write,
-    sys_exit_write,
-    op::BUF,
-    direction::EGRESS,
-    None
-);
-data_hooks!(
-    sys_enter_readv,
-    sys_exit_readv,
-    op::IOVEC,
-    direction::INGRESS,
-    None
-);
-data_hooks!(
-    sys_enter_writev,
-    sys_exit_writev,
-    op::IOVEC,
-    direction::EGRESS,
-    None
-);
-data_hooks!(
-    sys_enter_sendto,
-    sys_exit_sendto,
-    op::BUF,
-    direction::EGRESS,
-    None
-);
-data_hooks!(
-    sys_enter_recvfrom,
-    sys_exit_recvfrom,
-    op::BUF,
-    direction::INGRESS,
-    Some(ARG3)
-);
-data_hooks!(
-    sys_enter_sendmsg,
-    sys_exit_sendmsg,
-    op::MSGHDR,
-    direction::EGRESS,
-    None
-);
-data_hooks!(
-    sys_enter_recvmsg,
-    sys_exit_recvmsg,
-    op::MSGHDR,
-    direction::INGRESS,
-    Some(ARG2)
-);
 
 /// Reads a sockaddr from user memory into our fixed layout.
 #[inline(always)]
@@ -397,80 +394,56 @@ fn track(id: u64, fd: i32, sock_role: u8, event_kind: u8, peer: SockAddr) {
 }
 
 #[inline(always)]
-fn enter_accept(ctx: &TracePointContext) -> u32 {
+fn enter_accept(regs: u64) {
     let Some((id, _)) = current_if_watched() else {
-        return 0;
+        return;
     };
-    let fd = arg(ctx, ARG0) as i32;
-    save(id, &inflight(op::ACCEPT, 0, fd, arg(ctx, ARG1), 0));
-    0
+    let fd = read_regs_u64(regs, PT_REGS_ARGS[0]) as i32;
+    save(
+        id,
+        &inflight(op::ACCEPT, 0, fd, read_regs_u64(regs, PT_REGS_ARGS[1]), 0),
+    );
 }
 
 #[inline(always)]
-fn exit_accept(ctx: &TracePointContext) -> u32 {
+fn exit_accept(new_fd: i64) {
     let Some((id, saved)) = take_inflight() else {
-        return 0;
+        return;
     };
-    if saved.op != op::ACCEPT {
-        return 0;
-    }
-    let new_fd = ret(ctx);
-    if new_fd < 0 {
-        return 0;
+    if saved.op != op::ACCEPT || new_fd < 0 {
+        return;
     }
     let peer = read_sockaddr(saved.ptr);
     if peer.family != 0 && peer.family != AF_INET && peer.family != AF_INET6 {
-        return 0;
+        return;
     }
     track(id, new_fd as i32, role::SERVER, kind::ACCEPT, peer);
-    0
 }
 
-#[tracepoint]
-pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
-    enter_accept(&ctx)
-}
-#[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    exit_accept(&ctx)
-}
-#[tracepoint]
-pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
-    enter_accept(&ctx)
-}
-#[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    exit_accept(&ctx)
-}
-
-#[tracepoint]
-pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn enter_connect(regs: u64) {
     let Some((id, _)) = current_if_watched() else {
-        return 0;
+        return;
     };
-    let peer = read_sockaddr(arg(&ctx, ARG1));
+    let peer = read_sockaddr(read_regs_u64(regs, PT_REGS_ARGS[1]));
     if peer.family != AF_INET && peer.family != AF_INET6 {
-        return 0;
+        return;
     }
-    let mut saved = inflight(op::CONNECT, 0, arg(&ctx, ARG0) as i32, 0, 0);
+    let fd = read_regs_u64(regs, PT_REGS_ARGS[0]) as i32;
+    let mut saved = inflight(op::CONNECT, 0, fd, 0, 0);
     saved.family = peer.family;
     saved.port = peer.port;
     saved.addr = peer.addr;
     save(id, &saved);
-    0
 }
 
-#[tracepoint]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn exit_connect(r: i64) {
     let Some((id, saved)) = take_inflight() else {
-        return 0;
+        return;
     };
-    if saved.op != op::CONNECT {
-        return 0;
-    }
-    let r = ret(&ctx);
-    if r != 0 && r != -EINPROGRESS {
-        return 0;
+    if saved.op != op::CONNECT || (r != 0 && r != -EINPROGRESS) {
+        return;
     }
     let peer = SockAddr {
         family: saved.family,
@@ -479,19 +452,18 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         addr: saved.addr,
     };
     track(id, saved.fd, role::CLIENT, kind::CONNECT, peer);
-    0
 }
 
-#[tracepoint]
-pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn enter_close(regs: u64) {
     let Some((id, tgid)) = current_if_watched() else {
-        return 0;
+        return;
     };
-    let fd = arg(&ctx, ARG0) as i32;
+    let fd = read_regs_u64(regs, PT_REGS_ARGS[0]) as i32;
     let key = sock_key(tgid, fd);
     // SAFETY: copied out before removal.
     let Some(info) = (unsafe { SOCKETS.get(&key) }).copied() else {
-        return 0;
+        return;
     };
     let _ = SOCKETS.remove(&key);
     emit_conn(
@@ -502,5 +474,4 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         info.conn_id,
         SockAddr::default(),
     );
-    0
 }

@@ -9,19 +9,13 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
 };
 use tracer_common::{SockInfo, counter, sock_key};
 use tracing::{debug, info, warn};
 
 /// The object built by tracer/build.rs from tracer-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
-
-/// Syscall tracepoints, as (category, name). Each has an enter and an exit program.
-const SYSCALLS: &[&str] = &[
-    "read", "write", "readv", "writev", "sendto", "recvfrom", "sendmsg", "recvmsg", "accept",
-    "accept4", "connect",
-];
 
 /// What the kernel side should select, decided by the CLI.
 #[derive(Debug, Clone, Default)]
@@ -62,15 +56,9 @@ impl Probes {
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (is this root on Linux >= 6.1 with BTF?)")?;
 
-        let mut attached = 0usize;
-        for name in SYSCALLS {
-            for phase in ["enter", "exit"] {
-                let prog = format!("sys_{phase}_{name}");
-                attach_tracepoint(&mut ebpf, &prog, "syscalls")?;
-                attached += 1;
-            }
+        for (prog, tracepoint) in [("sys_enter", "sys_enter"), ("sys_exit", "sys_exit")] {
+            attach_raw_tracepoint(&mut ebpf, prog, tracepoint)?;
         }
-        attach_tracepoint(&mut ebpf, "sys_enter_close", "syscalls")?;
         for prog in [
             "sched_process_fork",
             "sched_process_exec",
@@ -78,7 +66,7 @@ impl Probes {
         ] {
             attach_tracepoint(&mut ebpf, prog, "sched")?;
         }
-        attached += 4;
+        let attached = 5;
 
         let mut comm_filter: BpfHashMap<_, [u8; 16], u8> =
             BpfHashMap::try_from(ebpf.take_map("COMM_FILTER").context("map COMM_FILTER")?)?;
@@ -148,6 +136,21 @@ impl Probes {
         }
         out
     }
+}
+
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> anyhow::Result<()> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(prog)
+        .with_context(|| format!("program {prog} missing from the object"))?
+        .try_into()
+        .with_context(|| format!("program {prog} is not a raw tracepoint"))?;
+    program
+        .load()
+        .with_context(|| format!("verifier rejected {prog}"))?;
+    program
+        .attach(tracepoint)
+        .with_context(|| format!("attaching raw tracepoint {tracepoint}"))?;
+    Ok(())
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, prog: &str, category: &str) -> anyhow::Result<()> {
