@@ -393,7 +393,8 @@ impl HttpConn {
     }
 
     /// Sends one request and reads its response. `Host` is added unless given; a
-    /// `Content-Length` is added when `body` is not empty.
+    /// `Content-Length` is added when `body` is not empty, unless a `Content-Length` or
+    /// `Transfer-Encoding` header is given (then `body` goes out as it is: see [`chunked`]).
     pub fn request(
         &mut self,
         method: &str,
@@ -412,9 +413,10 @@ impl HttpConn {
             let _ = write!(head, "{k}: {v}\r\n");
         }
         if !body.is_empty()
-            && !headers
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            && !headers.iter().any(|(k, _)| {
+                k.eq_ignore_ascii_case("content-length")
+                    || k.eq_ignore_ascii_case("transfer-encoding")
+            })
         {
             let _ = write!(head, "Content-Length: {}\r\n", body.len());
         }
@@ -435,6 +437,26 @@ impl HttpConn {
             self.closed = true;
         }
         Ok(resp.0)
+    }
+
+    /// Sends `bytes` as they are, in one write (a whole request, or anything else), and
+    /// reads one response. A connection the server closes without answering is an error.
+    pub fn raw_request(&mut self, bytes: &[u8]) -> Result<HttpResponse> {
+        if self.closed {
+            bail!("connection to {} was closed by the server", self.addr);
+        }
+        let stream = self.reader.get_mut();
+        stream
+            .write_all(bytes)
+            .and_then(|_| stream.flush())
+            .with_context(|| format!("sending {} raw bytes to {}", bytes.len(), self.addr))?;
+        self.sent += 1;
+        let (resp, eof) = read_response(&mut self.reader, false)
+            .with_context(|| format!("reading the response to raw bytes from {}", self.addr))?;
+        if resp.wants_close() || eof {
+            self.closed = true;
+        }
+        Ok(resp)
     }
 
     pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
@@ -461,6 +483,93 @@ pub fn http_request(
 /// `GET path` on a fresh connection with `Connection: close`.
 pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
     http_request(addr, "GET", path, headers, &[])
+}
+
+/// A chunked body (`Transfer-Encoding: chunked`): one chunk per part (empty parts are
+/// skipped, since an empty chunk ends the body), then the last chunk and no trailers.
+pub fn chunked(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for part in parts.iter().filter(|p| !p.is_empty()) {
+        out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        out.extend_from_slice(part);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// What a server sent back on a raw connection.
+#[derive(Debug, Clone)]
+pub struct RawReply {
+    /// Every byte received until the server closed, reset or went quiet.
+    pub bytes: Vec<u8>,
+    /// The server closed (or reset) the connection; false when the read timed out.
+    pub closed: bool,
+}
+
+impl RawReply {
+    /// The status code of the first status line, if the reply starts with one.
+    pub fn status(&self) -> Option<u16> {
+        let line = self.bytes.split(|&b| b == b'\n').next()?;
+        let line = std::str::from_utf8(line).ok()?;
+        let mut parts = line.split(' ');
+        parts.next().filter(|v| v.starts_with("HTTP/"))?;
+        parts.next()?.parse().ok()
+    }
+
+    /// The first line, for messages.
+    pub fn first_line(&self) -> String {
+        let line = self.bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+        String::from_utf8_lossy(line).trim_end().to_string()
+    }
+}
+
+/// Sends `bytes` on a fresh connection in one write (then half-closes it when
+/// `half_close`), and reads until the server closes it or stays silent for `quiet`.
+/// Failing to write because the server already closed is not an error.
+pub fn raw_exchange(
+    addr: SocketAddr,
+    bytes: &[u8],
+    half_close: bool,
+    quiet: Duration,
+) -> Result<RawReply> {
+    use std::io::{ErrorKind, Read};
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(quiet))?;
+    stream.set_write_timeout(Some(Duration::from_secs(20)))?;
+    stream.set_nodelay(true)?;
+    match stream.write_all(bytes).and_then(|_| stream.flush()) {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => {}
+        Err(e) => return Err(e).with_context(|| format!("writing raw bytes to {addr}")),
+    }
+    if half_close {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+    let mut reply = RawReply {
+        bytes: Vec::new(),
+        closed: false,
+    };
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                reply.closed = true;
+                return Ok(reply);
+            }
+            Ok(n) => reply.bytes.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Ok(reply);
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                reply.closed = true;
+                return Ok(reply);
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading from {addr}")),
+        }
+    }
 }
 
 fn read_line(r: &mut impl BufRead) -> Result<String> {
@@ -558,7 +667,7 @@ pub fn read_chunked(r: &mut impl BufRead) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Cursor;
+    use std::io::{Cursor, Read};
 
     #[test]
     fn parses_chunked_and_length_responses() {
@@ -574,6 +683,48 @@ mod tests {
         let (b, _) = read_response(&mut r, false).unwrap();
         assert_eq!((b.status, b.text().as_str()), (500, "fail"));
         assert!(b.wants_close());
+    }
+
+    #[test]
+    fn chunked_bodies_round_trip() {
+        let body = chunked(&[b"hello", b"", b" world", &[b'x'; 300]]);
+        assert!(body.starts_with(b"5\r\nhello\r\n6\r\n world\r\n12c\r\n"));
+        assert!(body.ends_with(b"\r\n0\r\n\r\n"));
+        let mut r = BufReader::new(Cursor::new(&body[..]));
+        let decoded = read_chunked(&mut r).unwrap();
+        assert_eq!(decoded.len(), 11 + 300);
+        assert!(decoded.starts_with(b"hello world"));
+    }
+
+    #[test]
+    fn raw_exchange_reads_until_close_or_quiet() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            // 1st: answers and closes; 2nd: reads to EOF (half-close), answers nothing,
+            // keeps the connection open until the client is gone.
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"GARBAGE\r\n\r\n");
+            s.write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            drop(s);
+            let (mut s, _) = listener.accept().unwrap();
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).unwrap();
+            assert_eq!(all, b"\x16\x03\x01");
+            let _ = done_rx.recv();
+        });
+        let r = raw_exchange(addr, b"GARBAGE\r\n\r\n", false, Duration::from_secs(10)).unwrap();
+        assert!(r.closed);
+        assert_eq!(r.status(), Some(400));
+        assert_eq!(r.first_line(), "HTTP/1.1 400 Bad Request");
+        let r = raw_exchange(addr, b"\x16\x03\x01", true, Duration::from_millis(300)).unwrap();
+        assert!(!r.closed && r.bytes.is_empty() && r.status().is_none());
+        done_tx.send(()).unwrap();
+        server.join().unwrap();
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::Config,
-    discover::{naming, procfs, selection::Selection},
+    discover::{naming, procfs, selection::Selection, self_sockets::SelfSockets},
     export::{ExportConfig, Exporter},
     probes::{
         KernelSelection, Probes,
@@ -111,6 +111,8 @@ fn host_name() -> String {
 pub struct AgentCounters {
     pub records: u64,
     pub decode_errors: u64,
+    /// Connections from the agent's own sockets, ignored.
+    pub own_connections: u64,
 }
 
 pub struct Agent {
@@ -119,6 +121,7 @@ pub struct Agent {
     conns: ConnTable,
     builder: SpanBuilder,
     procs: ProcessCache,
+    own_sockets: SelfSockets,
     exporter: Exporter,
     counters: AgentCounters,
     stream_events: Vec<StreamEvent>,
@@ -238,6 +241,7 @@ impl Agent {
 
     /// Periodic housekeeping.
     pub fn tick(&mut self) {
+        self.own_sockets.refresh();
         self.conns
             .evict_idle(monotonic_ns(), &mut self.stream_events);
         self.drain();
@@ -253,7 +257,7 @@ impl Agent {
         let s = &self.conns.counters;
         let b = &self.builder.counters;
         info!(
-            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} records={} decode_errors={} chunks={} messages={} parse_errors={} not_http={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} watched={}",
+            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} watched={}",
             b.spans,
             export.spans_dropped,
             k[counter::COPY_FAILED as usize],
@@ -262,6 +266,7 @@ impl Agent {
             k[counter::IOVEC_OVERFLOW as usize],
             self.counters.records,
             self.counters.decode_errors,
+            self.counters.own_connections,
             s.chunks,
             s.messages,
             s.parse_errors,
@@ -303,6 +308,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         conns: ConnTable::new(),
         builder: SpanBuilder::new(Clock::now()),
         procs: ProcessCache::new(config.name_rules.clone()),
+        own_sockets: SelfSockets::new(),
         exporter,
         counters: AgentCounters::default(),
         stream_events: Vec::new(),

@@ -6,6 +6,7 @@
 //!   0xFE      end of a chunk (the next data byte starts a new feed)
 //!   0xFD n    gap of `n` bytes for n < 0xC0, else of 2^(n - 0xC0) bytes
 //!   0xFC      close
+//!   0xFA      the other direction moved (`peer_moved`)
 //!   0xFB b    the literal byte `b` (so control values can be fed too)
 //!
 //! Besides "never panic", it checks the resumability promise: when feeding each gap-free run
@@ -25,6 +26,7 @@ enum Op {
     Feed(Vec<u8>),
     Gap(u64),
     Close,
+    PeerMoved,
 }
 
 fn decode(data: &[u8]) -> Option<(Side, Vec<&'static str>, Vec<Op>)> {
@@ -65,6 +67,10 @@ fn decode(data: &[u8]) -> Option<(Side, Vec<&'static str>, Vec<Op>)> {
                 flush(&mut cur, &mut ops);
                 ops.push(Op::Close);
             }
+            0xFA => {
+                flush(&mut cur, &mut ops);
+                ops.push(Op::PeerMoved);
+            }
             0xFB => cur.push(bytes.next().unwrap_or(0xFB)),
             _ => cur.push(b),
         }
@@ -88,6 +94,7 @@ fn run(side: Side, methods: &[&str], ops: &[Op]) -> Vec<Http1Event> {
             Op::Feed(b) => p.feed(b, ts, &mut out),
             Op::Gap(n) => p.gap(*n, ts, &mut out),
             Op::Close => p.close(ts, &mut out),
+            Op::PeerMoved => p.peer_moved(),
         }
         let _ = (p.is_idle(), p.is_not_http(), p.is_tunnel());
     }

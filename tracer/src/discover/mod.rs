@@ -3,3 +3,4 @@
 pub mod naming;
 pub mod procfs;
 pub mod selection;
+pub mod self_sockets;

@@ -250,6 +250,11 @@ enum State {
     UntilClose,
     /// After an upgrade or CONNECT: the bytes are another protocol.
     Tunnel,
+    /// The framing of a body was lost (a gap or an error inside chunk framing). The rest of
+    /// the body cannot be told from a next message, so nothing is parsed until the other
+    /// direction moves (see `peer_moved`): scanning it for start lines would turn body text
+    /// into phantom messages.
+    LostBody,
     /// After an error: looking for a start line at a chunk start or line start.
     Resync {
         at_line_start: bool,
@@ -392,14 +397,12 @@ impl Http1Parser {
                         self.state = State::ChunkDataEnd { seen_cr: true };
                     }
                 }
-                State::ChunkSize => self.abort_body(Http1Error::GapInChunkSize, false, ts, out),
+                State::ChunkSize => self.abort_body(Http1Error::GapInChunkSize, ts, out),
                 State::Trailers { .. } => {
                     // The body itself arrived whole; only where the message ends is unknown.
                     self.end_message(ts, false, out);
                     out.push(Http1Event::Error(Http1Error::GapInTrailers));
-                    self.state = State::Resync {
-                        at_line_start: false,
-                    };
+                    self.state = State::LostBody;
                 }
                 State::UntilClose => {
                     self.body_lost(n);
@@ -411,7 +414,7 @@ impl Http1Parser {
                     };
                     n = 0;
                 }
-                State::Tunnel | State::NotHttp => n = 0,
+                State::Tunnel | State::NotHttp | State::LostBody => n = 0,
             }
         }
     }
@@ -433,7 +436,7 @@ impl Http1Parser {
             | State::ChunkDataEnd { .. }
             | State::Trailers { .. } => self.end_message(ts, true, out),
             State::UntilClose => self.end_message(ts, false, out),
-            State::Start | State::Resync { .. } => self.state = State::Start,
+            State::Start | State::Resync { .. } | State::LostBody => self.state = State::Start,
             State::Tunnel | State::NotHttp => {}
         }
         self.pending.clear();
@@ -551,7 +554,7 @@ impl Http1Parser {
                     1
                 }
                 _ => {
-                    self.abort_body(Http1Error::BadChunkEnd, false, ts, out);
+                    self.abort_body(Http1Error::BadChunkEnd, ts, out);
                     0
                 }
             },
@@ -589,7 +592,7 @@ impl Http1Parser {
                 self.body_bytes(rest);
                 rest.len()
             }
-            State::Tunnel | State::NotHttp => rest.len(),
+            State::Tunnel | State::NotHttp | State::LostBody => rest.len(),
         }
     }
 
@@ -872,7 +875,7 @@ impl Http1Parser {
         };
         let room = MAX_CHUNK_LINE_BYTES.saturating_sub(self.line.len());
         if take > room {
-            self.abort_body(Http1Error::ChunkLineTooLong, false, ts, out);
+            self.abort_body(Http1Error::ChunkLineTooLong, ts, out);
             return room;
         }
         self.line
@@ -886,7 +889,7 @@ impl Http1Parser {
                     }
                 }
                 Ok(n) => self.state = State::ChunkData { remaining: n },
-                Err(e) => self.abort_body(e, true, ts, out),
+                Err(e) => self.abort_body(e, ts, out),
             }
             self.line.clear();
         }
@@ -894,17 +897,20 @@ impl Http1Parser {
     }
 
     /// Ends the current body early because of `error`, then resyncs.
-    fn abort_body(
-        &mut self,
-        error: Http1Error,
-        at_line_start: bool,
-        ts: ChunkTs,
-        out: &mut Vec<Http1Event>,
-    ) {
+    fn abort_body(&mut self, error: Http1Error, ts: ChunkTs, out: &mut Vec<Http1Event>) {
         self.end_message(ts, true, out);
         out.push(Http1Event::Error(error));
         self.line.clear();
-        self.state = State::Resync { at_line_start };
+        self.state = State::LostBody;
+    }
+
+    /// The other direction of the connection carried bytes. A body whose framing was lost
+    /// ends there: a server answers after the whole request, a client asks again after the
+    /// whole response.
+    pub fn peer_moved(&mut self) {
+        if self.state == State::LostBody {
+            self.state = State::Start;
+        }
     }
 
     /// Emits the message being counted, if any, and waits for the next one.
@@ -1154,6 +1160,8 @@ mod tests {
         Feed(Vec<u8>),
         Gap(u64),
         Close,
+        /// The other direction of the connection carried bytes.
+        PeerMoved,
     }
 
     fn feed(b: impl AsRef<[u8]>) -> Op {
@@ -1176,6 +1184,7 @@ mod tests {
                 Op::Feed(b) => p.feed(b, ts(i), &mut out),
                 Op::Gap(n) => p.gap(*n, ts(i), &mut out),
                 Op::Close => p.close(ts(i), &mut out),
+                Op::PeerMoved => p.peer_moved(),
             }
         }
         out
@@ -1437,6 +1446,9 @@ mod tests {
                 vec![
                     feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n1"),
                     Op::Gap(100),
+                    // Until the client asks again, whatever follows is the lost body.
+                    feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+                    Op::PeerMoved,
                     feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
                 ],
             ),
@@ -1768,6 +1780,29 @@ mod tests {
     }
 
     #[test]
+    fn lost_chunk_framing_makes_no_phantom_messages() {
+        // A chunked request body whose size line fell into a gap, followed by body text that
+        // looks like requests: nothing is parsed until the server answers.
+        let ev = run(
+            Side::Request,
+            &[],
+            &[
+                feed(b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n1"),
+                Op::Gap(50),
+                feed(b"\r\nGET /phantom HTTP/1.1\r\nHost: x\r\n\r\n"),
+                feed(b"0\r\n\r\n"),
+                Op::PeerMoved,
+                feed(b"GET /real HTTP/1.1\r\n\r\n"),
+            ],
+        );
+        let m = messages(&ev);
+        assert_eq!(m.len(), 2, "{ev:?}");
+        assert_eq!(method_target(m[0]), ("POST", "/up"));
+        assert!(m[0].body_incomplete);
+        assert_eq!(method_target(m[1]), ("GET", "/real"));
+    }
+
+    #[test]
     fn gap_in_chunk_size_resyncs() {
         let ev = run_rec("gap in chunk size");
         assert_eq!(errors(&ev), [Http1Error::GapInChunkSize]);
@@ -1840,7 +1875,11 @@ mod tests {
         for body in [&b"zz\r\n"[..], b"5 x\r\nhello\r\n", b"3\r\nabcX"] {
             let mut resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
             resp.extend_from_slice(body);
-            let ev = run(Side::Response, &[], &[feed(&resp), feed(OK_13)]);
+            let ev = run(
+                Side::Response,
+                &[],
+                &[feed(&resp), feed(OK_13), Op::PeerMoved, feed(OK_13)],
+            );
             let m = messages(&ev);
             assert_eq!(m.len(), 2, "{ev:?}");
             assert!(m[0].body_incomplete);

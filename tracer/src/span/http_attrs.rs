@@ -107,21 +107,29 @@ pub fn attributes(
             AttrValue::Str(ua.chars().take(256).collect()),
         );
     }
-    put(
-        "http.request.body.size",
-        AttrValue::Int(clamp(request.body_len)),
-    );
+    // A body whose framing was lost has no known size: better none than a wrong one.
+    if !request.body_incomplete {
+        put(
+            "http.request.body.size",
+            AttrValue::Int(clamp(request.body_len)),
+        );
+    }
     let status = status_of(response);
     if let Some(code) = status {
         put("http.response.status_code", AttrValue::Int(i64::from(code)));
     }
-    if let Some(resp) = response {
+    if let Some(resp) = response
+        && !resp.body_incomplete
+    {
         put(
             "http.response.body.size",
             AttrValue::Int(clamp(resp.body_len)),
         );
     }
-    if request.head_truncated || response.is_some_and(|r| r.head_truncated) {
+    if request.head_truncated
+        || request.body_incomplete
+        || response.is_some_and(|r| r.head_truncated || r.body_incomplete)
+    {
         put("difytrace.truncated", AttrValue::Bool(true));
     }
     let span_status = match status {

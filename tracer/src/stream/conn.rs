@@ -82,10 +82,11 @@ impl Conn {
         let slot = flow as usize;
         self.tids[slot][self.tid_next[slot] % TID_HISTORY] = (ts.exit_ns, tid);
         self.tid_next[slot] = self.tid_next[slot].wrapping_add(1);
-        let parser = match flow {
-            Flow::Requests => &mut self.requests,
-            Flow::Responses => &mut self.responses,
+        let (parser, other) = match flow {
+            Flow::Requests => (&mut self.requests, &mut self.responses),
+            Flow::Responses => (&mut self.responses, &mut self.requests),
         };
+        other.peer_moved();
         if !data.is_empty() {
             parser.feed(data, ts, out);
         }

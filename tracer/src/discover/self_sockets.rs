@@ -1,0 +1,110 @@
+//! The agent's own TCP sockets. The kernel side never traces the agent, but a traced
+//! collector that receives the agent's exports would otherwise produce a span per export,
+//! which is exported in turn: a loop. Connections accepted from one of these local addresses
+//! are therefore ignored.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use super::procfs;
+use crate::span::clock::monotonic_ns;
+
+pub struct SelfSockets {
+    pid: u32,
+    local: HashSet<SocketAddr>,
+    /// CLOCK_MONOTONIC of the last read; a connection accepted after it may be missing.
+    read_ns: u64,
+}
+
+impl SelfSockets {
+    pub fn new() -> Self {
+        Self {
+            pid: std::process::id(),
+            local: HashSet::new(),
+            read_ns: 0,
+        }
+    }
+
+    /// True when `peer`, accepted at `accepted_ns` (CLOCK_MONOTONIC), is a socket of the
+    /// agent itself.
+    pub fn is_own(&mut self, peer: SocketAddr, accepted_ns: u64) -> bool {
+        if self.local.contains(&peer) {
+            return true;
+        }
+        // Exports to a collector on this host go through loopback; any other peer is only
+        // matched once a periodic refresh has seen it, so the common case is a set lookup.
+        // The set is re-read only when it is older than the connection in question.
+        if !peer.ip().is_loopback() || self.read_ns >= accepted_ns {
+            return false;
+        }
+        self.refresh();
+        self.local.contains(&peer)
+    }
+
+    /// Re-reads the local addresses of the agent's sockets: a handful of getsockname calls,
+    /// cheap enough to run whenever a new loopback peer shows up.
+    pub fn refresh(&mut self) {
+        self.read_ns = monotonic_ns();
+        self.local = procfs::socket_fds(self.pid)
+            .into_iter()
+            .filter_map(|(fd, _)| local_addr(fd))
+            .collect();
+    }
+}
+
+/// The local address of one of this process's socket fds.
+fn local_addr(fd: i32) -> Option<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain data; getsockname writes at most `len` bytes.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: valid pointers to owned storage; a stale fd only yields an error or an
+    // unrelated address, which is harmless here.
+    let rc = unsafe { libc::getsockname(fd, (&raw mut storage).cast(), &mut len) };
+    if rc != 0 {
+        return None;
+    }
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin: libc::sockaddr_in = unsafe { std::ptr::read((&raw const storage).cast()) };
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sin.sin_port)))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((&raw const storage).cast()) };
+            let v6 = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+            Some(SocketAddr::new(ip, u16::from_be(sin6.sin6_port)))
+        }
+        _ => None,
+    }
+}
+
+impl Default for SelfSockets {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_listening_socket_is_recognised() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let server = listener.local_addr().expect("addr");
+        let client = std::net::TcpStream::connect(server).expect("connect");
+        let mut own = SelfSockets::new();
+        let now = monotonic_ns();
+        assert!(own.is_own(client.local_addr().expect("local"), now));
+        assert!(!own.is_own("127.0.0.1:1".parse().expect("addr"), now));
+        assert!(!own.is_own("10.1.2.3:4".parse().expect("addr"), now));
+        // A connection opened after the last read is found without waiting.
+        let late = std::net::TcpStream::connect(server).expect("connect");
+        assert!(own.is_own(late.local_addr().expect("local"), monotonic_ns()));
+    }
+}
