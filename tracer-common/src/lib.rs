@@ -90,7 +90,9 @@ pub struct DataEvent {
     pub total_len: u64,
     /// Bytes of `buf` that hold data (<= MAX_CAPTURE, <= total_len).
     pub captured_len: u32,
-    pub _pad2: u32,
+    /// Per-socket sequence number of data records, counted also for records that could not
+    /// be written, so user space can tell that a record of this connection was lost.
+    pub seq: u32,
     pub buf: [u8; MAX_CAPTURE],
 }
 
@@ -143,7 +145,9 @@ pub struct ProcEvent {
 pub struct SockInfo {
     pub conn_id: u64,
     pub role: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// Sequence number of the next data record of this socket.
+    pub seq: u32,
 }
 
 /// Key of the socket map: tgid in the high half, fd in the low half.

@@ -185,7 +185,19 @@ fn take_inflight() -> Option<(u64, Inflight)> {
 /// assembled in a per-CPU scratch slot and output with only the captured bytes, so small
 /// messages take a small part of the ring instead of a whole 4 KiB slot.
 #[inline(always)]
-fn emit_chunk(id: u64, saved: &Inflight, conn_id: u64, src: u64, total: u64, chunk: u8, now: u64) {
+fn emit_chunk(id: u64, saved: &Inflight, key: u64, src: u64, total: u64, chunk: u8, now: u64) {
+    // The sequence number advances before anything can fail, so a lost record shows as a
+    // hole in the numbers user space sees.
+    let (conn_id, seq) = match SOCKETS.get_ptr_mut(&key) {
+        // SAFETY: map value pointer; a concurrent writer on another CPU can at worst repeat
+        // a number, which reads as no loss.
+        Some(sock) => unsafe {
+            let seq = (*sock).seq;
+            (*sock).seq = seq.wrapping_add(1);
+            ((*sock).conn_id, seq)
+        },
+        None => (0, 0),
+    };
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         bump(counter::DATA_RESERVE_FAILED);
         return;
@@ -213,7 +225,7 @@ fn emit_chunk(id: u64, saved: &Inflight, conn_id: u64, src: u64, total: u64, chu
         (*ev).ts_exit_ns = now;
         (*ev).cgroup_id = bpf_get_current_cgroup_id();
         (*ev).total_len = total;
-        (*ev)._pad2 = 0;
+        (*ev).seq = seq;
         if captured > 0 {
             let dst = (*ev).buf.as_mut_ptr() as *mut core::ffi::c_void;
             let size = bounded(captured);
@@ -262,15 +274,7 @@ struct IoVec {
 /// Emits one record per iovec up to MAX_IOVECS, then one uncaptured record for the rest, so
 /// the byte count of the syscall is always accounted for.
 #[inline(always)]
-fn emit_iovecs(
-    id: u64,
-    saved: &Inflight,
-    conn_id: u64,
-    iov: u64,
-    count: u64,
-    moved: u64,
-    now: u64,
-) {
+fn emit_iovecs(id: u64, saved: &Inflight, key: u64, iov: u64, count: u64, moved: u64, now: u64) {
     let mut remaining = moved;
     let mut i: usize = 0;
     while i < MAX_IOVECS {
@@ -283,14 +287,14 @@ fn emit_iovecs(
         };
         let take = if v.len < remaining { v.len } else { remaining };
         if take > 0 {
-            emit_chunk(id, saved, conn_id, v.base, take, i as u8, now);
+            emit_chunk(id, saved, key, v.base, take, i as u8, now);
             remaining -= take;
         }
         i += 1;
     }
     if remaining > 0 {
         bump(counter::IOVEC_OVERFLOW);
-        emit_chunk(id, saved, conn_id, 0, remaining, MAX_IOVECS as u8, now);
+        emit_chunk(id, saved, key, 0, remaining, MAX_IOVECS as u8, now);
     }
 }
 
@@ -307,21 +311,19 @@ fn exit_data(moved: i64) {
     let now = unsafe { bpf_ktime_get_ns() };
     let tgid = (id >> 32) as u32;
     // SAFETY: copied out immediately.
-    let conn_id = unsafe { SOCKETS.get(&sock_key(tgid, saved.fd)) }
-        .map(|s| s.conn_id)
-        .unwrap_or(0);
+    let key = sock_key(tgid, saved.fd);
     match saved.op {
-        op::BUF => emit_chunk(id, &saved, conn_id, saved.ptr, moved, 0, now),
-        op::IOVEC => emit_iovecs(id, &saved, conn_id, saved.ptr, saved.len, moved, now),
+        op::BUF => emit_chunk(id, &saved, key, saved.ptr, moved, 0, now),
+        op::IOVEC => emit_iovecs(id, &saved, key, saved.ptr, saved.len, moved, now),
         op::MSGHDR => {
             // struct msghdr: msg_iov at 16, msg_iovlen at 24 (x86_64 and arm64 alike).
             let msg = saved.ptr;
             let iov = unsafe { bpf_probe_read_user((msg + 16) as *const u64) }.unwrap_or(0);
             let count = unsafe { bpf_probe_read_user((msg + 24) as *const u64) }.unwrap_or(0);
             if iov != 0 {
-                emit_iovecs(id, &saved, conn_id, iov, count, moved, now);
+                emit_iovecs(id, &saved, key, iov, count, moved, now);
             } else {
-                emit_chunk(id, &saved, conn_id, 0, moved, 0, now);
+                emit_chunk(id, &saved, key, 0, moved, 0, now);
             }
         }
         _ => {}
@@ -384,7 +386,8 @@ fn track(id: u64, fd: i32, sock_role: u8, event_kind: u8, peer: SockAddr) {
     let info = SockInfo {
         conn_id,
         role: sock_role,
-        _pad: [0; 7],
+        _pad: [0; 3],
+        seq: 0,
     };
     if SOCKETS.insert(&sock_key(tgid, fd), &info, 0).is_err() {
         bump(counter::SOCKET_MAP_FULL);

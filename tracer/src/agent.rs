@@ -161,6 +161,7 @@ impl Agent {
             chunk.ingress,
             chunk.captured,
             chunk.total_len,
+            chunk.seq,
             ts,
             &mut self.stream_events,
         );
@@ -257,7 +258,7 @@ impl Agent {
         let s = &self.conns.counters;
         let b = &self.builder.counters;
         info!(
-            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} watched={}",
+            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} watched={}",
             b.spans,
             export.spans_dropped,
             k[counter::COPY_FAILED as usize],
@@ -271,6 +272,7 @@ impl Agent {
             s.messages,
             s.parse_errors,
             s.not_http,
+            s.lost_records,
             self.conns.len(),
             s.evicted,
             self.builder.pending_len(),

@@ -24,6 +24,8 @@ pub struct DataChunk<'a> {
     pub total_len: u64,
     /// The captured prefix of those bytes.
     pub captured: &'a [u8],
+    /// Per-socket record sequence number (holes mean lost records).
+    pub seq: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +91,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 cgroup_id: u64_at(OFF_CGROUP),
                 total_len: u64_at(OFF_TOTAL),
                 captured: &bytes[buf_start..buf_end],
+                seq: u32_at(OFF_SEQ),
             }))
         }
         kind::CONNECT | kind::ACCEPT | kind::CLOSE => Ok(Event::Conn(read(bytes, record_kind)?)),
@@ -106,6 +109,7 @@ const OFF_EXIT: usize = std::mem::offset_of!(DataEvent, ts_exit_ns);
 const OFF_CGROUP: usize = std::mem::offset_of!(DataEvent, cgroup_id);
 const OFF_TOTAL: usize = std::mem::offset_of!(DataEvent, total_len);
 const OFF_CAPTURED: usize = std::mem::offset_of!(DataEvent, captured_len);
+const OFF_SEQ: usize = std::mem::offset_of!(DataEvent, seq);
 const OFF_BUF: usize = std::mem::offset_of!(DataEvent, buf);
 
 /// A kernel address record as a std address; None when the family is unknown.

@@ -110,7 +110,8 @@ impl Probes {
         let info = SockInfo {
             conn_id,
             role: tracer_common::role::UNKNOWN,
-            _pad: [0; 7],
+            _pad: [0; 3],
+            seq: 0,
         };
         if let Err(err) = self.sockets.insert(&sock_key(tgid, fd), &info, 0) {
             debug!(tgid, fd, %err, "cannot seed socket");

@@ -904,6 +904,23 @@ impl Http1Parser {
         self.state = State::LostBody;
     }
 
+    /// Records of this connection were lost (the ring buffer was full): whatever was in
+    /// progress ends incomplete, and nothing is parsed until the other direction moves,
+    /// since the next bytes may be the middle of a message.
+    pub fn lost(&mut self, ts: ChunkTs, out: &mut Vec<Http1Event>) {
+        match self.state {
+            State::Tunnel | State::NotHttp => return,
+            State::Head => self.reset_head(),
+            _ => {}
+        }
+        self.fresh = false;
+        self.end_message(ts, true, out);
+        self.line.clear();
+        // Which requests the lost records answered is unknown.
+        self.pending.clear();
+        self.state = State::LostBody;
+    }
+
     /// The other direction of the connection carried bytes. A body whose framing was lost
     /// ends there: a server answers after the whole request, a client asks again after the
     /// whole response.

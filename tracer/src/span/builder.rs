@@ -15,7 +15,7 @@ use rand::Rng as _;
 use super::{
     clock::Clock,
     http_attrs,
-    model::{FinishedSpan, ProcessResource, SpanKind},
+    model::{AttrValue, FinishedSpan, ProcessResource, SpanKind, SpanStatus},
     traceparent,
 };
 use crate::{
@@ -27,6 +27,13 @@ use crate::{
 pub const MAX_PENDING_PER_CONN: usize = 64;
 /// Server spans active on threads at once.
 pub const MAX_ACTIVE_THREADS: usize = 65536;
+
+/// Why requests stopped waiting for their responses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Closed,
+    CaptureLost,
+}
 
 /// Ids of a span, fixed when its request is seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +111,12 @@ impl SpanBuilder {
                     self.on_response(key, message, resources, out);
                 }
             },
-            StreamEvent::Closed { key, ts_ns } => self.on_closed(key, ts_ns, resources, out),
+            StreamEvent::Closed { key, ts_ns } => {
+                self.on_closed(key, ts_ns, Ending::Closed, resources, out)
+            }
+            StreamEvent::Lost { key, ts_ns } => {
+                self.on_closed(key, ts_ns, Ending::CaptureLost, resources, out)
+            }
         }
     }
 
@@ -205,6 +217,7 @@ impl SpanBuilder {
         &mut self,
         key: ConnKey,
         ts_ns: u64,
+        ending: Ending,
         resources: &mut dyn ResourceSource,
         out: &mut Vec<FinishedSpan>,
     ) {
@@ -213,7 +226,17 @@ impl SpanBuilder {
         };
         for pending in queue {
             self.counters.no_response += 1;
-            out.push(self.finish(key, role, pending, None, ts_ns, resources));
+            let mut span = self.finish(key, role, pending, None, ts_ns, resources);
+            if ending == Ending::CaptureLost {
+                // Not the peer's fault: say that the agent lost track, not the connection.
+                span.status = SpanStatus::Error("records of this connection were lost".into());
+                for (k, v) in &mut span.attributes {
+                    if k == "error.type" {
+                        *v = AttrValue::Str("capture_lost".into());
+                    }
+                }
+            }
+            out.push(span);
         }
     }
 
@@ -327,6 +350,7 @@ mod tests {
         builder: SpanBuilder,
         spans: Vec<FinishedSpan>,
         now: u64,
+        seqs: HashMap<ConnKey, u32>,
     }
 
     impl World {
@@ -336,7 +360,12 @@ mod tests {
                 builder: SpanBuilder::new(Clock::now()),
                 spans: Vec::new(),
                 now: 1_000,
+                seqs: HashMap::new(),
             }
+        }
+        /// A record the kernel numbered but never delivered.
+        fn drop_record(&mut self, key: ConnKey) {
+            *self.seqs.entry(key).or_default() += 1;
         }
         fn pump(&mut self, events: Vec<StreamEvent>) {
             for e in events {
@@ -361,8 +390,19 @@ mod tests {
                 exit_ns: self.now + 10,
             };
             let mut out = Vec::new();
-            self.conns
-                .data(key, tid, ingress, bytes, bytes.len() as u64, ts, &mut out);
+            let seq = self.seqs.entry(key).or_default();
+            let this = *seq;
+            *seq += 1;
+            self.conns.data(
+                key,
+                tid,
+                ingress,
+                bytes,
+                bytes.len() as u64,
+                this,
+                ts,
+                &mut out,
+            );
             self.pump(out);
         }
         fn close(&mut self, key: ConnKey) {
@@ -492,6 +532,43 @@ mod tests {
         assert_eq!(w.spans[1].name, "GET /2");
         assert!(matches!(w.spans[1].status, SpanStatus::Error(_)));
         assert_eq!(w.builder.counters.no_response, 1);
+    }
+
+    #[test]
+    fn lost_records_end_waiting_requests_and_do_not_shift_pairs() {
+        let mut w = World::new();
+        w.open(SERVER, Role::Server);
+        w.io(SERVER, 11, true, b"GET /1 HTTP/1.1\r\n\r\n");
+        // The response to /1 is lost in the ring buffer.
+        w.drop_record(SERVER);
+        w.io(SERVER, 11, true, b"GET /2 HTTP/1.1\r\n\r\n");
+        w.io(
+            SERVER,
+            11,
+            false,
+            b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n",
+        );
+        w.io(SERVER, 11, true, b"GET /3 HTTP/1.1\r\n\r\n");
+        w.io(
+            SERVER,
+            11,
+            false,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert_eq!(w.conns.counters.lost_records, 1);
+        let names: Vec<_> = w.spans.iter().map(|s| s.name.as_str()).collect();
+        // /1 ends as lost; /2 arrived right after the hole and is not trusted; the 202 is
+        // not wrongly given to /1; /3 pairs normally.
+        assert_eq!(names, ["GET /1", "GET /3"], "{:?}", w.spans);
+        assert_eq!(
+            w.spans[0].attr("error.type"),
+            Some(&AttrValue::Str("capture_lost".into()))
+        );
+        assert_eq!(
+            w.spans[1].attr("http.response.status_code"),
+            Some(&AttrValue::Int(200))
+        );
+        assert_eq!(w.builder.active_len(), 0);
     }
 
     #[test]

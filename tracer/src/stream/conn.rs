@@ -33,6 +33,9 @@ pub struct Conn {
     /// Chunks seen before the role was known; after too many the stream is given up.
     pub unknown_chunks: u32,
     pub not_http: bool,
+    /// Sequence number the next data record should carry; None until the first one when
+    /// the connection's start was not seen.
+    pub next_seq: Option<u32>,
     requests: Http1Parser,
     responses: Http1Parser,
     /// (exit timestamp, tid) of recent chunks per direction: [requests, responses].
@@ -55,6 +58,7 @@ impl Conn {
             last_seen_ns: now_ns,
             unknown_chunks: 0,
             not_http: false,
+            next_seq: Some(0),
             requests: Http1Parser::new(Side::Request),
             responses: Http1Parser::new(Side::Response),
             tids: [[(0, 0); TID_HISTORY]; 2],
@@ -106,6 +110,35 @@ impl Conn {
     /// Responses on this connection answer requests with these methods, in order.
     pub fn note_request_method(&mut self, method: &str) {
         self.responses.push_request_method(method);
+    }
+
+    /// Checks a record's sequence number; returns how many records before it were lost.
+    pub fn check_seq(&mut self, seq: u32) -> u32 {
+        let lost = match self.next_seq {
+            None => 0,
+            Some(expected) => {
+                let ahead = seq.wrapping_sub(expected);
+                // Far "ahead" means behind: a record reordered between two threads writing
+                // the same socket, not a loss.
+                if ahead >= 1 << 31 {
+                    return 0;
+                }
+                ahead
+            }
+        };
+        self.next_seq = Some(seq.wrapping_add(1));
+        lost
+    }
+
+    /// Records were lost: both directions end what they had and wait for a clean start.
+    pub fn lost(
+        &mut self,
+        ts: ChunkTs,
+        requests: &mut Vec<Http1Event>,
+        responses: &mut Vec<Http1Event>,
+    ) {
+        self.requests.lost(ts, requests);
+        self.responses.lost(ts, responses);
     }
 
     pub fn close(

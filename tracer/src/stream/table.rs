@@ -27,6 +27,9 @@ pub enum StreamEvent {
     },
     /// The connection is gone: requests still waiting for an answer end here.
     Closed { key: ConnKey, ts_ns: u64 },
+    /// Records of the connection were lost (ring buffer full): requests waiting for an
+    /// answer end here, since their answer may be among the lost records.
+    Lost { key: ConnKey, ts_ns: u64 },
 }
 
 /// Counters of what the stream layer saw and gave up on.
@@ -37,6 +40,8 @@ pub struct StreamCounters {
     pub parse_errors: u64,
     pub evicted: u64,
     pub not_http: u64,
+    /// Data records the kernel side could not deliver, from sequence-number holes.
+    pub lost_records: u64,
 }
 
 #[derive(Default)]
@@ -85,18 +90,44 @@ impl ConnTable {
         ingress: bool,
         captured: &[u8],
         total_len: u64,
+        seq: u32,
         ts: ChunkTs,
         out: &mut Vec<StreamEvent>,
     ) {
         self.counters.chunks += 1;
-        if !self.conns.contains_key(&key) {
+        let implicit = !self.conns.contains_key(&key);
+        if implicit {
             // A socket from before the agent started, or one whose accept was not seen.
             self.open(key, None, None, ts.exit_ns, out);
         }
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
+        if implicit {
+            conn.next_seq = None;
+        }
         conn.last_seen_ns = ts.exit_ns;
+        let lost = conn.check_seq(seq);
+        if lost > 0 {
+            self.counters.lost_records += u64::from(lost);
+            let mut requests = std::mem::take(&mut self.scratch);
+            let mut responses = std::mem::take(&mut self.scratch2);
+            requests.clear();
+            responses.clear();
+            conn.lost(ts, &mut requests, &mut responses);
+            for event in requests.drain(..) {
+                emit(&mut self.counters, key, conn, Flow::Requests, event, out);
+            }
+            for event in responses.drain(..) {
+                emit(&mut self.counters, key, conn, Flow::Responses, event, out);
+            }
+            self.scratch = requests;
+            self.scratch2 = responses;
+            out.push(StreamEvent::Lost {
+                key,
+                ts_ns: ts.enter_ns,
+            });
+        }
         if conn.gave_up() {
             return;
         }
