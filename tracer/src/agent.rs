@@ -34,6 +34,8 @@ const RING_BATCH: usize = 4096;
 /// How often the ring buffer is read when the kernel side did not ask for it: records wait
 /// at most this long, and the agent wakes this often instead of once per record.
 const DRAIN_EVERY: Duration = Duration::from_millis(5);
+/// While the ring stays empty the period doubles up to this, so an idle agent wakes rarely.
+const DRAIN_IDLE_MAX: Duration = Duration::from_millis(80);
 /// How often idle connections are swept.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 /// Sockets seeded from /proc at start, at most (the kernel map holds MAX_SOCKETS).
@@ -231,13 +233,18 @@ impl Agent {
     /// Handles at most RING_BATCH records; true when the ring is empty afterwards. Bounded so
     /// the timer and signal arms stay responsive under load.
     fn drain_ring(&mut self, ring: &mut RingBuf<MapData>) -> bool {
-        for _ in 0..RING_BATCH {
+        self.drain_ring_counted(ring).1
+    }
+
+    /// As `drain_ring`, also returning how many records were handled.
+    fn drain_ring_counted(&mut self, ring: &mut RingBuf<MapData>) -> (usize, bool) {
+        for handled in 0..RING_BATCH {
             let Some(item) = ring.next() else {
-                return true;
+                return (handled, true);
             };
             self.handle_record(&item);
         }
-        false
+        (RING_BATCH, false)
     }
 
     /// Periodic housekeeping.
@@ -345,8 +352,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Both listeners live across loop passes so a signal arriving mid-batch is not lost.
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut drain = tokio::time::interval(DRAIN_EVERY);
-    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain_period = DRAIN_EVERY;
+    let mut next_drain = tokio::time::Instant::now() + drain_period;
     loop {
         tokio::select! {
             // The kernel side wakes us only when the ring is filling up.
@@ -358,8 +365,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     guard.clear_ready();
                 }
             }
-            _ = drain.tick() => {
-                agent.drain_ring(ring.get_mut());
+            _ = tokio::time::sleep_until(next_drain) => {
+                let (handled, _) = agent.drain_ring_counted(ring.get_mut());
+                drain_period = if handled > 0 {
+                    DRAIN_EVERY
+                } else {
+                    (drain_period * 2).min(DRAIN_IDLE_MAX)
+                };
+                next_drain = tokio::time::Instant::now() + drain_period;
             }
             _ = housekeeping.tick() => agent.tick(),
             _ = stats.tick() => agent.log_stats(),

@@ -193,6 +193,10 @@ fn bump_memlock_rlimit() {
 
 /// Fails with a clear message on kernels older than the supported floor.
 pub fn check_kernel() -> anyhow::Result<()> {
+    if !cfg!(target_arch = "x86_64") {
+        // The kernel side reads syscall arguments from x86_64 pt_regs and numbers.
+        bail!("difytrace supports x86_64 only for now");
+    }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .context("reading /proc/sys/kernel/osrelease")?;
     let mut parts = release.trim().split(['.', '-']);
