@@ -67,10 +67,6 @@ fn start_gunicorn(opts: GunicornOpts) -> Result<Gunicorn> {
     Gunicorn::start(&format!("{DEMO_APP}\n{FAULTS_ROUTES}"), &opts)
 }
 
-fn start_agent(rx: &OtlpReceiver) -> Result<Agent> {
-    Agent::start(&["--comm", "gunicorn", "--otlp-endpoint", &rx.grpc_endpoint()])
-}
-
 /// gthread workers keep connections alive (sync workers close after every response).
 fn gthread() -> GunicornOpts {
     GunicornOpts {
@@ -98,22 +94,7 @@ fn ensure_exactly(
     expected: &[Sent],
     mut allowed_extra: impl FnMut(&ReceivedSpan) -> Result<()>,
 ) -> Result<()> {
-    for r in expected {
-        let n = servers_for(spans, r).len();
-        ensure!(
-            n == 1,
-            "{n} SERVER spans for {} {} (want exactly 1):\n{}",
-            r.method,
-            r.path,
-            summarize(
-                &servers_for(spans, r)
-                    .into_iter()
-                    .cloned()
-                    .collect::<Vec<_>>(),
-                10
-            )
-        );
-    }
+    ensure_one_server_span_each(spans, expected)?;
     let ours: Vec<&ReceivedSpan> = spans
         .iter()
         .filter(|s| from_gunicorn(s, port, pids))
@@ -166,6 +147,50 @@ fn wait_dying_pid(g: &mut Gunicorn) -> Result<u32> {
 
 fn worker_set(g: &Gunicorn) -> BTreeSet<u32> {
     g.worker_pids().into_iter().collect()
+}
+
+/// Adds to `pids` the workers `g` has now and those that served `sent`.
+fn add_worker_pids(pids: &mut BTreeSet<u32>, g: &Gunicorn, sent: &[Sent]) {
+    pids.extend(worker_set(g));
+    pids.extend(sent.iter().map(|r| r.worker_pid));
+}
+
+/// The agent is still running, and exits cleanly on SIGINT (which flushes it: nothing more
+/// can come after this).
+fn stop_agent(mut agent: Agent) -> Result<()> {
+    agent.ensure_running()?;
+    let status = agent.stop()?;
+    ensure!(
+        status.success(),
+        "agent did not exit cleanly on SIGINT: {status}"
+    );
+    Ok(())
+}
+
+/// The end of a test that sent garbage to the gunicorn `g` (workers `pids` at the start) and
+/// then the valid requests `sent`: each of those gets a correct SERVER span; the agent is
+/// still running and stops cleanly; then, over all spans received, none is made of garbage
+/// and, from this gunicorn, there is exactly one SERVER span per request and nothing else but
+/// what `allowed_extra` accepts (see [`ensure_exactly`]).
+fn finish_after_garbage(
+    g: &Gunicorn,
+    rx: &OtlpReceiver,
+    agent: Agent,
+    mut pids: BTreeSet<u32>,
+    sent: &[Sent],
+    allowed_extra: impl FnMut(&ReceivedSpan) -> Result<()>,
+) -> Result<()> {
+    let port = g.port();
+    let spans = rx
+        .wait_for(|s| all_served(s, sent), WAIT)
+        .map_err(|e| agent.annotate(e))?;
+    check_server_spans(&spans, sent, "app", port)?;
+    stop_agent(agent)?;
+
+    let spans = rx.spans();
+    add_worker_pids(&mut pids, g, sent);
+    ensure_no_garbage(&spans, "GARBAGE")?;
+    ensure_exactly(&spans, port, &pids, sent, allowed_extra)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -287,12 +312,7 @@ fn worker_dies_mid_request() -> Result<()> {
         );
     }
 
-    agent.ensure_running()?;
-    let status = agent.stop()?; // flushes: nothing more can come after this
-    ensure!(
-        status.success(),
-        "agent did not exit cleanly on SIGINT: {status}"
-    );
+    stop_agent(agent)?;
     let spans = rx.spans();
     let mut pids = before.clone();
     pids.extend(after.iter().copied());
@@ -447,10 +467,9 @@ fn malformed_requests_do_not_derail_the_agent() -> Result<()> {
         return Ok(());
     };
     let g = start_gunicorn(GunicornOpts::default())?;
-    let port = g.port();
     let rx = OtlpReceiver::start()?;
     let mut agent = start_agent(&rx)?;
-    let mut pids = worker_set(&g);
+    let pids = worker_set(&g);
 
     // A valid request first: the agent is tracing by the time the garbage comes.
     let mut sent = vec![get(g.addr(), "/hello/before-garbage", &[])?];
@@ -462,25 +481,7 @@ fn malformed_requests_do_not_derail_the_agent() -> Result<()> {
         ensure!(r.status == 200, "{r:?}");
     }
 
-    let spans = rx
-        .wait_for(|s| all_served(s, &sent), WAIT)
-        .map_err(|e| agent.annotate(e))?;
-    for r in &sent {
-        check_server_span(servers_for(&spans, r)[0], r, "app", port)
-            .with_context(|| format!("{} {}", r.method, r.path))?;
-    }
-    agent.ensure_running()?;
-    let status = agent.stop()?;
-    ensure!(
-        status.success(),
-        "agent did not exit cleanly on SIGINT: {status}"
-    );
-
-    let spans = rx.spans();
-    pids.extend(worker_set(&g));
-    pids.extend(sent.iter().map(|r| r.worker_pid));
-    ensure_no_garbage(&spans, "GARBAGE")?;
-    ensure_exactly(&spans, port, &pids, &sent, |s| {
+    finish_after_garbage(&g, &rx, agent, pids, &sent, |s| {
         acceptable_malformed_span(s, &malformed)
     })?;
     let replies: Vec<String> = malformed
@@ -504,7 +505,7 @@ fn garbage_after_a_valid_request_on_a_kept_alive_connection() -> Result<()> {
     let port = g.port();
     let rx = OtlpReceiver::start()?;
     let mut agent = start_agent(&rx)?;
-    let mut pids = worker_set(&g);
+    let pids = worker_set(&g);
 
     let garbage: [(&str, &[u8]); 3] = [
         ("GARBAGE line", b"GARBAGE\r\n\r\n"),
@@ -539,25 +540,7 @@ fn garbage_after_a_valid_request_on_a_kept_alive_connection() -> Result<()> {
     agent.ensure_running()?;
     sent.push(get(g.addr(), "/hello", &[])?);
 
-    let spans = rx
-        .wait_for(|s| all_served(s, &sent), WAIT)
-        .map_err(|e| agent.annotate(e))?;
-    for r in &sent {
-        check_server_span(servers_for(&spans, r)[0], r, "app", port)
-            .with_context(|| format!("{} {}", r.method, r.path))?;
-    }
-    agent.ensure_running()?;
-    let status = agent.stop()?;
-    ensure!(
-        status.success(),
-        "agent did not exit cleanly on SIGINT: {status}"
-    );
-
-    let spans = rx.spans();
-    pids.extend(worker_set(&g));
-    pids.extend(sent.iter().map(|r| r.worker_pid));
-    ensure_no_garbage(&spans, "GARBAGE")?;
-    ensure_exactly(&spans, port, &pids, &sent, |s| {
+    finish_after_garbage(&g, &rx, agent, pids, &sent, |s| {
         // The bad-header request has a valid start line: a span for it may exist, with the
         // status gunicorn answered.
         ensure!(
@@ -734,7 +717,7 @@ fn bodies_scenario(test: &str, opts: GunicornOpts, keep_alive: bool) -> Result<(
     let g = start_gunicorn(opts)?;
     let port = g.port();
     let rx = OtlpReceiver::start()?;
-    let mut agent = start_agent(&rx)?;
+    let agent = start_agent(&rx)?;
     let mut pids = worker_set(&g);
 
     let (bodies, mut plain) = send_bodies(&g, keep_alive)?;
@@ -758,16 +741,10 @@ fn bodies_scenario(test: &str, opts: GunicornOpts, keep_alive: bool) -> Result<(
             failures.push(format!("{} {}: {e:#}", r.method, r.path));
         }
     }
-    agent.ensure_running()?;
     let logs = agent.logs(40);
-    let status = agent.stop()?;
-    ensure!(
-        status.success(),
-        "agent did not exit cleanly on SIGINT: {status}"
-    );
+    stop_agent(agent)?;
     let spans = rx.spans();
-    pids.extend(worker_set(&g));
-    pids.extend(all.iter().map(|r| r.worker_pid));
+    add_worker_pids(&mut pids, &g, &all);
     if let Err(e) = ensure_exactly(&spans, port, &pids, &all, |_| {
         anyhow::bail!("no such request was sent")
     }) {
@@ -815,7 +792,7 @@ fn chunked_body_with_request_like_lines_makes_no_phantom_spans() -> Result<()> {
     let g = start_gunicorn(gthread())?;
     let port = g.port();
     let rx = OtlpReceiver::start()?;
-    let mut agent = start_agent(&rx)?;
+    let agent = start_agent(&rx)?;
     let mut pids = worker_set(&g);
 
     let mut text = Vec::new();
@@ -867,12 +844,7 @@ fn chunked_body_with_request_like_lines_makes_no_phantom_spans() -> Result<()> {
     let last = sent.last().expect("sent above").clone();
     rx.wait_for(|s| all_served(s, std::slice::from_ref(&last)), WAIT)
         .map_err(|e| agent.annotate(e))?;
-    agent.ensure_running()?;
-    let status = agent.stop()?;
-    ensure!(
-        status.success(),
-        "agent did not exit cleanly on SIGINT: {status}"
-    );
+    stop_agent(agent)?;
     let spans = rx.spans();
     let mut failures = Vec::new();
     let phantoms: Vec<ReceivedSpan> = spans

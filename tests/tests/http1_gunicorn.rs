@@ -44,31 +44,6 @@ fn ensure_no_spans_from(
     Ok(())
 }
 
-/// Exactly one SERVER span per request sent.
-fn ensure_one_server_span_each(
-    spans: &[difytrace_tests::otlp_receiver::ReceivedSpan],
-    sent: &[Sent],
-) -> Result<()> {
-    for r in sent {
-        let n = servers_for(spans, r).len();
-        ensure!(
-            n == 1,
-            "{} SERVER spans for {} {} (want exactly 1):\n{}",
-            n,
-            r.method,
-            r.path,
-            summarize(
-                &servers_for(spans, r)
-                    .into_iter()
-                    .cloned()
-                    .collect::<Vec<_>>(),
-                10
-            )
-        );
-    }
-    Ok(())
-}
-
 /// The main scenario: gRPC export, gunicorn already running when the agent starts.
 #[test]
 fn grpc_server_and_client_spans() -> Result<()> {
@@ -77,7 +52,7 @@ fn grpc_server_and_client_spans() -> Result<()> {
     };
     let (down, g) = start_app(GunicornOpts::default())?;
     let rx = OtlpReceiver::start()?;
-    let agent = Agent::start(&["--comm", "gunicorn", "--otlp-endpoint", &rx.grpc_endpoint()])?;
+    let agent = start_agent(&rx)?;
 
     let mut sent = vec![
         get(g.addr(), "/hello", &[])?,
@@ -107,11 +82,7 @@ fn grpc_server_and_client_spans() -> Result<()> {
         |s| all_served(s, &sent) && !clients_to(s, down.port()).is_empty(),
         SPAN_WAIT,
     )?;
-    for r in &sent {
-        let s = servers_for(&spans, r)[0];
-        check_server_span(s, r, "app", g.port())
-            .with_context(|| format!("{} {}", r.method, r.path))?;
-    }
+    check_server_spans(&spans, &sent, "app", g.port())?;
     let chain = servers_for(&spans, &sent[2])[0];
     let client = client_of(&spans, chain, down.port())?;
     check_client_child(client, chain, down.port())?;
@@ -152,7 +123,7 @@ fn traceparent_honored_and_secrets_not_exported() -> Result<()> {
     };
     let (down, g) = start_app(GunicornOpts::default())?;
     let rx = OtlpReceiver::start()?;
-    let _agent = Agent::start(&["--comm", "gunicorn", "--otlp-endpoint", &rx.grpc_endpoint()])?;
+    let _agent = start_agent(&rx)?;
 
     let trace_id = random_hex(32);
     let parent_id = random_hex(16);
@@ -241,10 +212,7 @@ fn http_protobuf_export_and_exec_time_selection() -> Result<()> {
         |s| all_served(s, &sent) && !clients_to(s, down.port()).is_empty(),
         SPAN_WAIT,
     )?;
-    for r in &sent {
-        check_server_span(servers_for(&spans, r)[0], r, "app", g.port())
-            .with_context(|| format!("{} {}", r.method, r.path))?;
-    }
+    check_server_spans(&spans, &sent, "app", g.port())?;
     let chain = servers_for(&spans, &sent[2])[0];
     check_client_child(client_of(&spans, chain, down.port())?, chain, down.port())?;
     ensure!(spans.iter().all(|s| s.transport == Transport::Http));
@@ -267,7 +235,7 @@ fn keep_alive_requests_on_one_connection() -> Result<()> {
         ..Default::default()
     })?;
     let rx = OtlpReceiver::start()?;
-    let _agent = Agent::start(&["--comm", "gunicorn", "--otlp-endpoint", &rx.grpc_endpoint()])?;
+    let _agent = start_agent(&rx)?;
 
     let mut conn = HttpConn::connect(g.addr())?;
     let mut sent = Vec::new();
@@ -451,7 +419,7 @@ fn service_name_from_gunicorn_cmdline() -> Result<()> {
         ..Default::default()
     })?;
     let rx = OtlpReceiver::start()?;
-    let _agent = Agent::start(&["--comm", "gunicorn", "--otlp-endpoint", &rx.grpc_endpoint()])?;
+    let _agent = start_agent(&rx)?;
     let a = get(named.addr(), "/users/named", &[])?;
     let b = get(shop.addr(), "/users/shop", &[])?;
     let spans = rx.wait_for(|s| all_served(s, &[a.clone(), b.clone()]), SPAN_WAIT)?;

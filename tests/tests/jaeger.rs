@@ -10,10 +10,13 @@
 
 mod common;
 
+use std::path::Path;
+
 use anyhow::{Context, Result, ensure};
 use common::*;
 use difytrace_tests::agent::Agent;
 use difytrace_tests::jaeger::{Jaeger, JaegerSpan, JaegerTrace, require_jaeger};
+use difytrace_tests::otlp_receiver::Transport;
 use difytrace_tests::python::{DEMO_APP, Downstream, Gunicorn, GunicornOpts, check_flask_gunicorn};
 
 fn is_chain_server(s: &JaegerSpan, path: &str) -> bool {
@@ -93,38 +96,65 @@ fn setup(test: &str) -> Option<(difytrace_tests::E2e, std::path::PathBuf)> {
     Some((e2e, bin))
 }
 
+/// What a test runs; dropped in this order (the agent first, Jaeger last).
+struct Stack {
+    agent: Agent,
+    g: Gunicorn,
+    down: Downstream,
+    jaeger: Jaeger,
+}
+
+/// Jaeger (binary `bin`), the downstream service, gunicorn running the demo app, and the
+/// agent watching that gunicorn by `--pid` and exporting to Jaeger over `transport`.
+fn start_stack(bin: &Path, transport: Transport) -> Result<Stack> {
+    check_flask_gunicorn()?;
+    let jaeger = Jaeger::start_bin(bin)?;
+    let down = Downstream::start()?;
+    let g = Gunicorn::start(DEMO_APP, &GunicornOpts::default().downstream(down.port()))?;
+    let pid = g.master_pid().to_string();
+    let (protocol, endpoint): (&[&str], _) = match transport {
+        Transport::Grpc => (&[], jaeger.otlp_grpc_endpoint()),
+        Transport::Http => (
+            &["--otlp-protocol", "http/protobuf"],
+            jaeger.otlp_http_endpoint(),
+        ),
+    };
+    let mut args = vec!["--pid", pid.as_str()];
+    args.extend_from_slice(protocol);
+    args.extend(["--otlp-endpoint", endpoint.as_str()]);
+    let agent = Agent::start(&args)?;
+    Ok(Stack {
+        agent,
+        g,
+        down,
+        jaeger,
+    })
+}
+
 #[test]
 fn jaeger_receives_linked_chain_trace_over_grpc() -> Result<()> {
     let Some((_e2e, bin)) = setup("jaeger_receives_linked_chain_trace_over_grpc") else {
         return Ok(());
     };
-    check_flask_gunicorn()?;
-    let jaeger = Jaeger::start_bin(&bin)?;
-    let down = Downstream::start()?;
-    let g = Gunicorn::start(DEMO_APP, &GunicornOpts::default().downstream(down.port()))?;
-    let mut agent = Agent::start(&[
-        "--pid",
-        &g.master_pid().to_string(),
-        "--otlp-endpoint",
-        &jaeger.otlp_grpc_endpoint(),
-    ])?;
+    let mut st = start_stack(&bin, Transport::Grpc)?;
 
     let path = format!("/chain/{}", random_hex(12));
-    let chain = get(g.addr(), &path, &[])?;
+    let chain = get(st.g.addr(), &path, &[])?;
     ensure!(
         chain.status == 200 && chain.body == "chain:downstream-ok",
         "{chain:?}"
     );
-    let t = jaeger
+    let t = st
+        .jaeger
         .wait_for_trace(
             "app",
             &[("url.path", &path)],
-            |t| chain_trace_complete(t, &path, down.port()),
+            |t| chain_trace_complete(t, &path, st.down.port()),
             SPAN_WAIT * 2,
         )
-        .map_err(|e| agent.annotate(e))?;
-    check_chain_trace(&t, &chain, down.port())?;
-    agent.ensure_running()?;
+        .map_err(|e| st.agent.annotate(e))?;
+    check_chain_trace(&t, &chain, st.down.port())?;
+    st.agent.ensure_running()?;
     Ok(())
 }
 
@@ -134,39 +164,29 @@ fn jaeger_receives_trace_over_http_protobuf() -> Result<()> {
     let Some((_e2e, bin)) = setup("jaeger_receives_trace_over_http_protobuf") else {
         return Ok(());
     };
-    check_flask_gunicorn()?;
-    let jaeger = Jaeger::start_bin(&bin)?;
-    let down = Downstream::start()?;
-    let g = Gunicorn::start(DEMO_APP, &GunicornOpts::default().downstream(down.port()))?;
-    let mut agent = Agent::start(&[
-        "--pid",
-        &g.master_pid().to_string(),
-        "--otlp-protocol",
-        "http/protobuf",
-        "--otlp-endpoint",
-        &jaeger.otlp_http_endpoint(),
-    ])?;
+    let mut st = start_stack(&bin, Transport::Http)?;
 
     let trace_id = random_hex(32);
     let parent = random_hex(16);
     let path = format!("/chain/{}", random_hex(12));
     let chain = get(
-        g.addr(),
+        st.g.addr(),
         &path,
         &[("traceparent", &format!("00-{trace_id}-{parent}-01"))],
     )?;
     ensure!(chain.status == 200, "{chain:?}");
-    let t = jaeger
+    let t = st
+        .jaeger
         .wait_for_trace(
             "app",
             &[("url.path", &path)],
-            |t| t.trace_id == trace_id && chain_trace_complete(t, &path, down.port()),
+            |t| t.trace_id == trace_id && chain_trace_complete(t, &path, st.down.port()),
             SPAN_WAIT * 2,
         )
-        .map_err(|e| agent.annotate(e))?;
-    check_chain_trace(&t, &chain, down.port())?;
+        .map_err(|e| st.agent.annotate(e))?;
+    check_chain_trace(&t, &chain, st.down.port())?;
     ensure!(
-        jaeger.trace(&trace_id)?.is_some(),
+        st.jaeger.trace(&trace_id)?.is_some(),
         "GET /api/traces/{trace_id} does not find the trace"
     );
     let server = t.spans.iter().find(|s| is_chain_server(s, &path)).unwrap();
@@ -175,6 +195,6 @@ fn jaeger_receives_trace_over_http_protobuf() -> Result<()> {
         "SERVER span should have the traceparent's parent: {}",
         t.summary()
     );
-    agent.ensure_running()?;
+    st.agent.ensure_running()?;
     Ok(())
 }

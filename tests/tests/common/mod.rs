@@ -7,11 +7,17 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
-use difytrace_tests::otlp_receiver::ReceivedSpan;
+use difytrace_tests::agent::Agent;
+use difytrace_tests::otlp_receiver::{OtlpReceiver, ReceivedSpan, summarize};
 use difytrace_tests::procs::{HttpResponse, http_get};
 
 /// How long spans may take to reach a receiver (agent batching included).
 pub const SPAN_WAIT: Duration = Duration::from_secs(30);
+
+/// The agent watching processes named `gunicorn`, exporting to `rx` over OTLP/gRPC.
+pub fn start_agent(rx: &OtlpReceiver) -> Result<Agent> {
+    Agent::start(&["--comm", "gunicorn", "--otlp-endpoint", &rx.grpc_endpoint()])
+}
 
 /// A request the test sent, and what the server said.
 #[derive(Debug, Clone)]
@@ -87,6 +93,22 @@ pub fn servers_with_path<'a>(spans: &'a [ReceivedSpan], path: &str) -> Vec<&'a R
         .iter()
         .filter(|s| s.is_server() && s.attr_str("url.path").as_deref() == Some(path))
         .collect()
+}
+
+/// Exactly one SERVER span per request sent.
+pub fn ensure_one_server_span_each(spans: &[ReceivedSpan], sent: &[Sent]) -> Result<()> {
+    for r in sent {
+        let servers = servers_for(spans, r);
+        let n = servers.len();
+        ensure!(
+            n == 1,
+            "{n} SERVER spans for {} {} (want exactly 1):\n{}",
+            r.method,
+            r.path,
+            summarize(&servers.into_iter().cloned().collect::<Vec<_>>(), 10)
+        );
+    }
+    Ok(())
 }
 
 /// True once every request in `sent` has a SERVER span.
@@ -174,6 +196,21 @@ pub fn check_server_span(s: &ReceivedSpan, req: &Sent, service: &str, port: u16)
         }
     }
     check_duration(s)
+}
+
+/// [`check_server_span`] for the (first) SERVER span of each request in `sent`; each must
+/// have one.
+pub fn check_server_spans(
+    spans: &[ReceivedSpan],
+    sent: &[Sent],
+    service: &str,
+    port: u16,
+) -> Result<()> {
+    for r in sent {
+        check_server_span(servers_for(spans, r)[0], r, service, port)
+            .with_context(|| format!("{} {}", r.method, r.path))?;
+    }
+    Ok(())
 }
 
 /// The CLIENT span a worker made to the downstream service while serving `server`.

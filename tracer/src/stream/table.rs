@@ -51,7 +51,8 @@ pub struct ConnTable {
     by_fd: HashMap<(u32, i32), u64>,
     pub counters: StreamCounters,
     scratch: Vec<Http1Event>,
-    scratch2: Vec<Http1Event>,
+    /// Reused buffers for what both parsers emit when a connection ends.
+    ends: (Vec<Http1Event>, Vec<Http1Event>),
 }
 
 impl ConnTable {
@@ -110,19 +111,15 @@ impl ConnTable {
         let lost = conn.check_seq(seq);
         if lost > 0 {
             self.counters.lost_records += u64::from(lost);
-            let mut requests = std::mem::take(&mut self.scratch);
-            let mut responses = std::mem::take(&mut self.scratch2);
-            requests.clear();
-            responses.clear();
-            conn.lost(ts, &mut requests, &mut responses);
-            for event in requests.drain(..) {
-                emit(&mut self.counters, key, conn, Flow::Requests, event, out);
-            }
-            for event in responses.drain(..) {
-                emit(&mut self.counters, key, conn, Flow::Responses, event, out);
-            }
-            self.scratch = requests;
-            self.scratch2 = responses;
+            end_both(
+                &mut self.ends,
+                &mut self.counters,
+                key,
+                conn,
+                End::Lost,
+                ts,
+                out,
+            );
             out.push(StreamEvent::Lost {
                 key,
                 ts_ns: ts.enter_ns,
@@ -241,34 +238,48 @@ impl ConnTable {
             enter_ns: ts_ns,
             exit_ns: ts_ns,
         };
-        let mut requests = std::mem::take(&mut self.scratch);
-        let mut responses = std::mem::take(&mut self.scratch2);
-        requests.clear();
-        responses.clear();
-        conn.close(ts, &mut requests, &mut responses);
-        for event in requests.drain(..) {
-            emit(
-                &mut self.counters,
-                key,
-                &mut conn,
-                Flow::Requests,
-                event,
-                out,
-            );
-        }
-        for event in responses.drain(..) {
-            emit(
-                &mut self.counters,
-                key,
-                &mut conn,
-                Flow::Responses,
-                event,
-                out,
-            );
-        }
-        self.scratch = requests;
-        self.scratch2 = responses;
+        end_both(
+            &mut self.ends,
+            &mut self.counters,
+            key,
+            &mut conn,
+            End::Closed,
+            ts,
+            out,
+        );
         out.push(StreamEvent::Closed { key, ts_ns });
+    }
+}
+
+/// How a connection's parsers are ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Closed,
+    Lost,
+}
+
+/// Ends both directions of `conn` and emits what the parsers still held.
+fn end_both(
+    ends: &mut (Vec<Http1Event>, Vec<Http1Event>),
+    counters: &mut StreamCounters,
+    key: ConnKey,
+    conn: &mut Conn,
+    how: End,
+    ts: ChunkTs,
+    out: &mut Vec<StreamEvent>,
+) {
+    let (requests, responses) = ends;
+    requests.clear();
+    responses.clear();
+    match how {
+        End::Closed => conn.close(ts, requests, responses),
+        End::Lost => conn.lost(ts, requests, responses),
+    }
+    for event in requests.drain(..) {
+        emit(counters, key, conn, Flow::Requests, event, out);
+    }
+    for event in responses.drain(..) {
+        emit(counters, key, conn, Flow::Responses, event, out);
     }
 }
 
