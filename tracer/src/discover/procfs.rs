@@ -17,7 +17,7 @@ pub struct ProcFacts {
     pub cmdline: Vec<String>,
 }
 
-/// Reads /proc/<tgid>; None when the process is gone.
+/// Reads `/proc/<tgid>`; None when the process is gone.
 pub fn read_process(tgid: u32) -> Option<ProcFacts> {
     let base = PathBuf::from(format!("/proc/{tgid}"));
     let stat = fs::read_to_string(base.join("stat")).ok()?;
@@ -35,7 +35,7 @@ pub fn read_process(tgid: u32) -> Option<ProcFacts> {
     })
 }
 
-/// comm and ppid from /proc/<pid>/stat. comm may hold spaces and parentheses, so the fields
+/// comm and ppid from `/proc/<pid>/stat`. comm may hold spaces and parentheses, so the fields
 /// after it are found from the last ')'.
 pub fn parse_stat(stat: &str) -> Option<(String, u32)> {
     let open = stat.find('(')?;
@@ -87,7 +87,7 @@ pub fn socket_fds(tgid: u32) -> Vec<(i32, u64)> {
 pub const TCP_ESTABLISHED: u8 = 0x01;
 pub const TCP_LISTEN: u8 = 0x0A;
 
-/// One row of /proc/<pid>/net/tcp{,6}.
+/// One row of `/proc/<pid>/net/tcp{,6}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpSocket {
     pub local: SocketAddr,

@@ -1,0 +1,121 @@
+//! Our spans and processes in the SDK's terms: [`SpanData`] and the OTel [`Resource`].
+
+use std::borrow::Cow;
+
+use opentelemetry::{
+    InstrumentationScope, KeyValue, StringValue, Value,
+    trace::{
+        Link, SpanContext, SpanId, SpanKind as OtelSpanKind, Status, TraceFlags, TraceId,
+        TraceState,
+    },
+};
+use opentelemetry_sdk::{
+    Resource,
+    resource::EnvResourceDetector,
+    trace::{SpanData, SpanEvents, SpanLinks},
+};
+
+use crate::span::model::{AttrValue, FinishedSpan, ProcessResource, SpanKind, SpanStatus};
+
+/// The OTel resource of one traced process.
+pub(crate) fn otel_resource(p: &ProcessResource) -> Resource {
+    let service = if p.service_name.is_empty() {
+        // The spec's fallback for a missing service.name.
+        format!("unknown_service:{}", p.executable_name)
+    } else {
+        p.service_name.clone()
+    };
+    let mut attrs = vec![
+        KeyValue::new("service.name", service),
+        KeyValue::new("process.pid", i64::from(p.pid)),
+    ];
+    if !p.executable_name.is_empty() {
+        attrs.push(KeyValue::new(
+            "process.executable.name",
+            p.executable_name.clone(),
+        ));
+    }
+    if !p.host_name.is_empty() {
+        attrs.push(KeyValue::new("host.name", p.host_name.clone()));
+    }
+    // OTEL_RESOURCE_ATTRIBUTES adds deployment-wide facts (cluster, environment); what we know
+    // about the process comes later and wins. OTEL_SERVICE_NAME is deliberately not applied:
+    // one agent exports many services.
+    Resource::builder_empty()
+        .with_detector(Box::new(EnvResourceDetector::new()))
+        .with_attributes(attrs)
+        .build()
+}
+
+/// The instrumentation scope every exported span carries.
+pub(crate) fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder("difytrace")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
+}
+
+/// Converts our span into the SDK's export form. Every span we export was recorded, hence the
+/// sampled flag; the span itself is local to the traced process, only its parent can be remote.
+pub(crate) fn to_span_data(span: FinishedSpan, scope: &InstrumentationScope) -> SpanData {
+    let span_context = SpanContext::new(
+        TraceId::from_bytes(span.trace_id),
+        SpanId::from_bytes(span.span_id),
+        TraceFlags::SAMPLED,
+        false,
+        TraceState::default(),
+    );
+    let mut links = SpanLinks::default();
+    links.links = span
+        .links
+        .into_iter()
+        .map(|l| {
+            Link::new(
+                SpanContext::new(
+                    TraceId::from_bytes(l.trace_id),
+                    SpanId::from_bytes(l.span_id),
+                    TraceFlags::SAMPLED,
+                    true,
+                    TraceState::default(),
+                ),
+                l.attributes.into_iter().map(key_value).collect(),
+                0,
+            )
+        })
+        .collect();
+    SpanData {
+        span_context,
+        parent_span_id: span
+            .parent_span_id
+            .map_or(SpanId::INVALID, SpanId::from_bytes),
+        parent_span_is_remote: span.parent_span_id.is_some() && span.parent_is_remote,
+        span_kind: match span.kind {
+            SpanKind::Server => OtelSpanKind::Server,
+            SpanKind::Client => OtelSpanKind::Client,
+            SpanKind::Internal => OtelSpanKind::Internal,
+        },
+        name: Cow::Owned(span.name),
+        start_time: span.start,
+        end_time: span.end,
+        attributes: span.attributes.into_iter().map(key_value).collect(),
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links,
+        status: match span.status {
+            SpanStatus::Unset => Status::Unset,
+            SpanStatus::Error(description) => Status::Error {
+                description: Cow::Owned(description),
+            },
+        },
+        instrumentation_scope: scope.clone(),
+    }
+}
+
+fn key_value((key, value): (String, AttrValue)) -> KeyValue {
+    let value = match value {
+        AttrValue::Str(s) => Value::String(StringValue::from(s)),
+        AttrValue::Int(i) => Value::I64(i),
+        AttrValue::Bool(b) => Value::Bool(b),
+        AttrValue::F64(f) => Value::F64(f),
+    };
+    KeyValue::new(key, value)
+}
