@@ -122,6 +122,9 @@ pub struct ConnEvent {
     pub ts_ns: u64,
     pub cgroup_id: u64,
     pub peer: SockAddr,
+    /// Command name of the process: short-lived clients are often gone before user space
+    /// can read /proc, and this is then all that names them.
+    pub comm: [u8; 16],
 }
 
 /// exec / exit / fork of a process.

@@ -8,7 +8,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
         generated::{self, bpf_get_current_cgroup_id},
     },
     macros::raw_tracepoint,
@@ -371,6 +372,7 @@ fn emit_conn(event_kind: u8, sock_role: u8, id: u64, fd: i32, conn_id: u64, peer
         ts_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         peer,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     if EVENTS.output(&event, wakeup_flags()).is_err() {
         bump(counter::CONTROL_RESERVE_FAILED);

@@ -61,16 +61,23 @@ impl ProcessCache {
     }
 
     fn ensure(&mut self, tgid: u32) {
+        self.ensure_named(tgid, None);
+    }
+
+    /// As `ensure`, with the command name the kernel reported, used when /proc is too late.
+    fn ensure_named(&mut self, tgid: u32, comm: Option<&str>) {
         if !self.known.contains_key(&tgid) {
-            let resource = self.read(tgid);
+            let resource = self.read(tgid, comm);
             self.known.insert(tgid, resource);
         }
     }
 
-    fn read(&self, tgid: u32) -> Arc<ProcessResource> {
+    fn read(&self, tgid: u32, comm: Option<&str>) -> Arc<ProcessResource> {
         let facts = procfs::read_process(tgid).unwrap_or_else(|| procfs::ProcFacts {
             tgid,
-            comm: format!("pid-{tgid}"),
+            comm: comm
+                .filter(|c| !c.is_empty())
+                .map_or_else(|| format!("pid-{tgid}"), str::to_string),
             ..Default::default()
         });
         let executable_name = facts
@@ -97,7 +104,7 @@ impl ResourceSource for ProcessCache {
         self.ensure(tgid);
         match self.known.get(&tgid) {
             Some(r) => r.clone(),
-            None => self.read(tgid),
+            None => self.read(tgid, None),
         }
     }
 }
@@ -177,7 +184,8 @@ impl Agent {
         };
         match conn.kind {
             kind::ACCEPT | kind::CONNECT => {
-                self.procs.ensure(conn.tgid);
+                let comm = event::comm_str(&conn.comm);
+                self.procs.ensure_named(conn.tgid, Some(&comm));
                 let conn_role = match conn.role {
                     role::CLIENT => Some(Role::Client),
                     role::SERVER => Some(Role::Server),
