@@ -30,7 +30,8 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     "nginx",
 ];
-const PYTHON_PACKAGES: &[&str] = &["flask", "gunicorn", "gevent"];
+/// Pinned so a CI run tomorrow tests against the same servers as today.
+const PYTHON_PACKAGES: &[&str] = &["flask==3.1.3", "gunicorn==27.0.1", "gevent==26.9.0"];
 /// `import` names matching PYTHON_PACKAGES, to tell whether the venv is complete.
 const PYTHON_IMPORTS: &str = "import flask, gunicorn, gevent";
 const JAEGER_MODULE: &str = "github.com/jaegertracing/jaeger";
@@ -275,7 +276,8 @@ fn ensure_bpf_linker() -> Result<()> {
 
 /// Mounts tracefs when it is missing; without root that is left as a host problem.
 fn ensure_tracefs() -> Result<Option<String>> {
-    // Syscall tracepoints are attached by name through tracefs; without it they fail.
+    // The sched tracepoints are attached by name through tracefs, and their record layouts
+    // are read from it; without it the agent cannot start.
     if Path::new(TRACEFS).join("events").exists() {
         say!("tracefs at {TRACEFS}: mounted");
         return Ok(None);
