@@ -192,6 +192,17 @@ impl Agent {
                     _ => None,
                 };
                 let peer = event::socket_addr(&conn.peer);
+                if conn.kind == kind::ACCEPT
+                    && let Some(peer) = peer
+                    && self.own_sockets.is_own(peer, conn.ts_ns)
+                {
+                    // The agent's own export, received by a traced collector. Records already
+                    // in the ring for it are dropped by the ignored entry.
+                    self.probes.forget_socket(conn.tgid, conn.fd);
+                    self.conns.ignore(key, conn.ts_ns, &mut self.stream_events);
+                    self.counters.own_connections += 1;
+                    return;
+                }
                 self.conns
                     .open(key, conn_role, peer, conn.ts_ns, &mut self.stream_events);
             }

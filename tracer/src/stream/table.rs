@@ -82,6 +82,15 @@ impl ConnTable {
         self.conns.insert(key, Conn::new(role, peer, ts_ns));
     }
 
+    /// A connection whose bytes must not be parsed (e.g. the agent's own export): records
+    /// still in flight for it are dropped until it closes.
+    pub fn ignore(&mut self, key: ConnKey, ts_ns: u64, out: &mut Vec<StreamEvent>) {
+        self.open(key, None, None, ts_ns, out);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.not_http = true;
+        }
+    }
+
     /// A chunk of bytes moved on a connection.
     #[allow(clippy::too_many_arguments)]
     pub fn data(
