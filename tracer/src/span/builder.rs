@@ -14,8 +14,8 @@ use rand::Rng as _;
 
 use super::{
     clock::Clock,
-    http_attrs,
-    model::{AttrValue, FinishedSpan, ProcessResource, SpanKind, SpanStatus},
+    http_attrs::{self, Outcome},
+    model::{FinishedSpan, ProcessResource, SpanKind},
     traceparent,
 };
 use crate::{
@@ -27,13 +27,6 @@ use crate::{
 pub const MAX_PENDING_PER_CONN: usize = 64;
 /// Server spans active on threads at once.
 pub const MAX_ACTIVE_THREADS: usize = 65536;
-
-/// Why requests stopped waiting for their responses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    Closed,
-    CaptureLost,
-}
 
 /// Ids of a span, fixed when its request is seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,10 +105,10 @@ impl SpanBuilder {
                 }
             },
             StreamEvent::Closed { key, ts_ns } => {
-                self.on_closed(key, ts_ns, Ending::Closed, resources, out)
+                self.on_closed(key, ts_ns, Outcome::ConnectionClosed, resources, out)
             }
             StreamEvent::Lost { key, ts_ns } => {
-                self.on_closed(key, ts_ns, Ending::CaptureLost, resources, out)
+                self.on_closed(key, ts_ns, Outcome::CaptureLost, resources, out)
             }
         }
     }
@@ -210,14 +203,21 @@ impl SpanBuilder {
             self.pending.remove(&key);
         }
         let end_ns = response.last.exit_ns;
-        out.push(self.finish(key, role, pending, Some(&response), end_ns, resources));
+        out.push(self.finish(
+            key,
+            role,
+            pending,
+            Outcome::Response(&response),
+            end_ns,
+            resources,
+        ));
     }
 
     fn on_closed(
         &mut self,
         key: ConnKey,
         ts_ns: u64,
-        ending: Ending,
+        outcome: Outcome<'static>,
         resources: &mut dyn ResourceSource,
         out: &mut Vec<FinishedSpan>,
     ) {
@@ -226,17 +226,7 @@ impl SpanBuilder {
         };
         for pending in queue {
             self.counters.no_response += 1;
-            let mut span = self.finish(key, role, pending, None, ts_ns, resources);
-            if ending == Ending::CaptureLost {
-                // Not the peer's fault: say that the agent lost track, not the connection.
-                span.status = SpanStatus::Error("records of this connection were lost".into());
-                for (k, v) in &mut span.attributes {
-                    if k == "error.type" {
-                        *v = AttrValue::Str("capture_lost".into());
-                    }
-                }
-            }
-            out.push(span);
+            out.push(self.finish(key, role, pending, outcome, ts_ns, resources));
         }
     }
 
@@ -245,7 +235,7 @@ impl SpanBuilder {
         key: ConnKey,
         role: Role,
         pending: Pending,
-        response: Option<&Http1Message>,
+        outcome: Outcome<'_>,
         end_ns: u64,
         resources: &mut dyn ResourceSource,
     ) -> FinishedSpan {
@@ -263,7 +253,7 @@ impl SpanBuilder {
         };
         let end_ns = end_ns.max(start_ns);
         let (attributes, status) =
-            http_attrs::attributes(kind, &pending.request, response, pending.peer);
+            http_attrs::attributes(kind, &pending.request, outcome, pending.peer);
         let clock = self.clock.unwrap_or_else(Clock::now);
         self.counters.spans += 1;
         FinishedSpan {

@@ -58,12 +58,32 @@ pub fn span_name(request: &Http1Message) -> String {
 }
 
 /// Attributes and status for an HTTP span.
+/// What ended a request: its response, or why it got none.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
+    Response(&'a Http1Message),
+    /// The connection closed (or its process exited) first.
+    ConnectionClosed,
+    /// Records of the connection were lost by the capture: not the peer's fault.
+    CaptureLost,
+}
+
+impl<'a> Outcome<'a> {
+    fn response(self) -> Option<&'a Http1Message> {
+        match self {
+            Outcome::Response(r) => Some(r),
+            Outcome::ConnectionClosed | Outcome::CaptureLost => None,
+        }
+    }
+}
+
 pub fn attributes(
     kind: SpanKind,
     request: &Http1Message,
-    response: Option<&Http1Message>,
+    outcome: Outcome<'_>,
     peer: Option<SocketAddr>,
 ) -> (Vec<(String, AttrValue)>, SpanStatus) {
+    let response = outcome.response();
     let mut attrs: Vec<(String, AttrValue)> = Vec::with_capacity(14);
     let mut put = |k: &str, v: AttrValue| attrs.push((k.to_string(), v));
     let (method, path) = method_and_path(request);
@@ -139,13 +159,16 @@ pub fn attributes(
             SpanStatus::Error(code.to_string())
         }
         Some(_) => SpanStatus::Unset,
-        None => SpanStatus::Error("connection closed before a response".into()),
+        None => SpanStatus::Error(match outcome {
+            Outcome::CaptureLost => "records of this connection were lost".into(),
+            _ => "connection closed before a response".into(),
+        }),
     };
     if let SpanStatus::Error(reason) = &span_status {
-        let error_type = if status.is_some() {
-            reason.clone()
-        } else {
-            "no_response".into()
+        let error_type = match (status, outcome) {
+            (Some(_), _) => reason.clone(),
+            (None, Outcome::CaptureLost) => "capture_lost".into(),
+            (None, _) => "no_response".into(),
         };
         attrs.push(("error.type".into(), AttrValue::Str(error_type)));
     }
