@@ -2,9 +2,9 @@
 //! copies what the syscall really moved. Only sockets learned from accept/connect (or seeded
 //! by user space) are followed, so other fds of a watched process cost one map lookup.
 //!
-//! Raw tracepoints rather than the per-syscall ones: the per-syscall tracepoints go through
-//! perf's record setup for every traced syscall of every process, which measured as several
-//! percent of a busy server's throughput even when no process was watched.
+//! Raw tracepoints rather than the per-syscall ones: those build a perf record for every
+//! hooked syscall of every process before the program even runs; here the syscalls of no
+//! interest cost a compare.
 
 use aya_ebpf::{
     helpers::{
@@ -59,22 +59,10 @@ mod nr {
 const PT_REGS_ARGS: [usize; 4] = [112, 104, 96, 56];
 const PT_REGS_ORIG_AX: usize = 120;
 
-type Args = [u64; 4];
-
 #[inline(always)]
 fn read_regs_u64(regs: u64, offset: usize) -> u64 {
     // SAFETY: kernel pointer handed to the tracepoint; read through the helper.
     unsafe { bpf_probe_read_kernel((regs as usize + offset) as *const u64) }.unwrap_or(0)
-}
-
-#[inline(always)]
-fn read_args(regs: u64) -> Args {
-    [
-        read_regs_u64(regs, PT_REGS_ARGS[0]),
-        read_regs_u64(regs, PT_REGS_ARGS[1]),
-        read_regs_u64(regs, PT_REGS_ARGS[2]),
-        read_regs_u64(regs, PT_REGS_ARGS[3]),
-    ]
 }
 
 /// sys_enter(struct pt_regs *regs, long id): dispatch on the syscall number first, so the
@@ -162,14 +150,15 @@ fn enter_data(regs: u64, op: u8, dir: u8, peek_flags_arg: Option<usize>) {
     if !is_socket(tgid, fd) {
         return;
     }
-    let args = read_args(regs);
     if let Some(i) = peek_flags_arg
-        && args.get(i).copied().unwrap_or(0) & MSG_PEEK != 0
+        && read_regs_u64(regs, PT_REGS_ARGS[i & 3]) & MSG_PEEK != 0
     {
         // Peeked bytes are read again later; copying them now would duplicate them.
         return;
     }
-    save(id, &inflight(op, dir, fd, args[1], args[2]));
+    let ptr = read_regs_u64(regs, PT_REGS_ARGS[1]);
+    let len = read_regs_u64(regs, PT_REGS_ARGS[2]);
+    save(id, &inflight(op, dir, fd, ptr, len));
 }
 
 /// The taken in-flight record of the current thread, if any.
@@ -310,9 +299,7 @@ fn exit_data(moved: i64) {
     }
     let moved = moved as u64;
     let now = unsafe { bpf_ktime_get_ns() };
-    let tgid = (id >> 32) as u32;
-    // SAFETY: copied out immediately.
-    let key = sock_key(tgid, saved.fd);
+    let key = sock_key((id >> 32) as u32, saved.fd);
     match saved.op {
         op::BUF => emit_chunk(id, &saved, key, saved.ptr, moved, 0, now),
         op::IOVEC => emit_iovecs(id, &saved, key, saved.ptr, saved.len, moved, now),

@@ -17,6 +17,15 @@ use tracing::{debug, info, warn};
 /// The object built by tracer/build.rs from tracer-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
+/// Raw tracepoints, each served by the program of the same name.
+const RAW_TRACEPOINTS: [&str; 2] = ["sys_enter", "sys_exit"];
+/// sched tracepoints, each served by the program of the same name.
+const SCHED_TRACEPOINTS: [&str; 3] = [
+    "sched_process_fork",
+    "sched_process_exec",
+    "sched_process_exit",
+];
+
 /// What the kernel side should select, decided by the CLI.
 #[derive(Debug, Clone, Default)]
 pub struct KernelSelection {
@@ -56,17 +65,13 @@ impl Probes {
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (is this root on Linux >= 6.1 with BTF?)")?;
 
-        for (prog, tracepoint) in [("sys_enter", "sys_enter"), ("sys_exit", "sys_exit")] {
-            attach_raw_tracepoint(&mut ebpf, prog, tracepoint)?;
+        for prog in RAW_TRACEPOINTS {
+            attach_raw_tracepoint(&mut ebpf, prog)?;
         }
-        for prog in [
-            "sched_process_fork",
-            "sched_process_exec",
-            "sched_process_exit",
-        ] {
+        for prog in SCHED_TRACEPOINTS {
             attach_tracepoint(&mut ebpf, prog, "sched")?;
         }
-        let attached = 5;
+        let attached = RAW_TRACEPOINTS.len() + SCHED_TRACEPOINTS.len();
 
         let mut comm_filter: BpfHashMap<_, [u8; 16], u8> =
             BpfHashMap::try_from(ebpf.take_map("COMM_FILTER").context("map COMM_FILTER")?)?;
@@ -139,7 +144,7 @@ impl Probes {
     }
 }
 
-fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> anyhow::Result<()> {
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str) -> anyhow::Result<()> {
     let program: &mut RawTracePoint = ebpf
         .program_mut(prog)
         .with_context(|| format!("program {prog} missing from the object"))?
@@ -149,8 +154,8 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> anyho
         .load()
         .with_context(|| format!("verifier rejected {prog}"))?;
     program
-        .attach(tracepoint)
-        .with_context(|| format!("attaching raw tracepoint {tracepoint}"))?;
+        .attach(prog)
+        .with_context(|| format!("attaching raw tracepoint {prog}"))?;
     Ok(())
 }
 
