@@ -696,8 +696,13 @@ impl Http1Parser {
 
     /// Ends the current body early because of `error`, then resyncs.
     fn abort_body(&mut self, error: Http1Error, ts: ChunkTs, out: &mut Vec<Http1Event>) {
-        self.end_message(ts, true, out);
+        self.lose_framing(ts, out);
         out.push(Http1Event::Error(error));
+    }
+
+    /// Ends the message in progress as incomplete and waits for the other direction.
+    fn lose_framing(&mut self, ts: ChunkTs, out: &mut Vec<Http1Event>) {
+        self.end_message(ts, true, out);
         self.line.clear();
         self.state = State::LostBody;
     }
@@ -712,11 +717,9 @@ impl Http1Parser {
             _ => {}
         }
         self.fresh = false;
-        self.end_message(ts, true, out);
-        self.line.clear();
         // Which requests the lost records answered is unknown.
         self.pending.clear();
-        self.state = State::LostBody;
+        self.lose_framing(ts, out);
     }
 
     /// The other direction of the connection carried bytes. A body whose framing was lost
