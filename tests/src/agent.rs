@@ -180,6 +180,26 @@ impl Agent {
     pub fn stop(mut self) -> Result<ExitStatus> {
         self.proc.stop().context("agent exit status unavailable")
     }
+
+    /// Stops the agent and returns the `key=value` fields of its last `stats` log line (the
+    /// one it prints on the way out).
+    pub fn stop_with_stats(mut self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let status = self.proc.stop().context("agent exit status unavailable")?;
+        anyhow::ensure!(status.success(), "agent exited with {status}");
+        let stderr = self.stderr();
+        let line = stderr
+            .lines()
+            .rev()
+            .find(|l| l.contains(" stats "))
+            .context("no stats line in the agent's log")?;
+        Ok(line
+            .split_whitespace()
+            .filter_map(|w| {
+                let (k, v) = w.split_once('=')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect())
+    }
 }
 
 impl Drop for Agent {

@@ -19,6 +19,7 @@
 pub mod agent;
 pub mod jaeger;
 pub mod otlp_receiver;
+pub mod plugin;
 pub mod procs;
 pub mod python;
 mod tempdir;

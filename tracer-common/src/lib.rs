@@ -11,6 +11,12 @@ pub const MAX_IOVECS: usize = 8;
 pub const MAX_WATCHED: u32 = 16384;
 /// Capacity of the socket map (tgid, fd) -> connection.
 pub const MAX_SOCKETS: u32 = 65536;
+/// Capacity of the map of fds known not to be followed (files, unix sockets, ...), so the
+/// kernel side classifies each fd of a watched process once rather than on every read.
+pub const MAX_OTHER_FDS: u32 = 65536;
+/// Bytes copied from the end of a buffer larger than MAX_CAPTURE, as a separate chunk: line
+/// and chunk terminators sit there, and framing needs them even when the middle is skipped.
+pub const TAIL_CAPTURE: u32 = 128;
 /// Syscalls in flight (one per thread) whose arguments are kept until their exit.
 pub const MAX_INFLIGHT: u32 = 16384;
 /// Ring buffer size in bytes (a power of two, multiple of the page size).
@@ -29,6 +35,8 @@ pub mod kind {
     pub const EXEC: u8 = 5;
     pub const EXIT: u8 = 6;
     pub const FORK: u8 = 7;
+    /// A pipe or FIFO fd of a watched process, seen for the first time.
+    pub const PIPE: u8 = 8;
 }
 
 /// Direction of a data event relative to the process that made the syscall.
@@ -46,6 +54,11 @@ pub mod role {
     pub const CLIENT: u8 = 1;
     /// Created by accept(): the process is the server.
     pub const SERVER: u8 = 2;
+    /// A pipe or FIFO (found by walking the fd table).
+    pub const PIPE: u8 = 3;
+    /// Followed fd whose bytes user space does not want (e.g. a pipe that carries no JSON
+    /// lines): the entry stays so the fd is not classified again, but nothing is copied.
+    pub const IGNORED: u8 = 4;
 }
 
 /// Indexes into the per-CPU drop counter array.
@@ -66,7 +79,11 @@ pub mod counter {
     pub const CONTROL_EVENTS: u32 = 6;
     /// Iovecs beyond MAX_IOVECS, reported as gaps.
     pub const IOVEC_OVERFLOW: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Walking the fd table of a task failed (a kernel read faulted).
+    pub const FD_WALK_FAILED: u32 = 8;
+    /// The map of unfollowed fds refused an insert.
+    pub const OTHER_FD_MAP_FULL: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// One syscall's (or one iovec's) bytes on a socket.
@@ -77,7 +94,8 @@ pub struct DataEvent {
     pub direction: u8,
     /// Index of this chunk within the syscall (iovec number); 0 for plain read/write.
     pub chunk: u8,
-    pub _pad: u8,
+    /// `role` of the fd (socket or pipe) when the record was made.
+    pub role: u8,
     pub fd: i32,
     pub tgid: u32,
     pub tid: u32,
@@ -122,6 +140,8 @@ pub struct ConnEvent {
     pub ts_ns: u64,
     pub cgroup_id: u64,
     pub peer: SockAddr,
+    /// Inode number of a pipe (its two ends share it); 0 for sockets.
+    pub inode: u64,
     /// Command name of the process: short-lived clients are often gone before user space
     /// can read /proc, and this is then all that names them.
     pub comm: [u8; 16],

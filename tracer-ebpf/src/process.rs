@@ -3,6 +3,7 @@
 //! exits are reported so user space can drop per-process state.
 
 use aya_ebpf::{
+    bindings::BPF_RB_FORCE_WAKEUP,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::bpf_get_current_cgroup_id,
@@ -18,7 +19,7 @@ use crate::util::{
 };
 
 #[inline(always)]
-fn emit_proc(event_kind: u8, tgid: u32, parent_tgid: u32) {
+fn emit_proc(event_kind: u8, tgid: u32, parent_tgid: u32, flags: u64) {
     let event = ProcEvent {
         kind: event_kind,
         _pad: [0; 3],
@@ -29,7 +30,7 @@ fn emit_proc(event_kind: u8, tgid: u32, parent_tgid: u32) {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    if EVENTS.output(&event, wakeup_flags()).is_err() {
+    if EVENTS.output(&event, flags).is_err() {
         bump(counter::CONTROL_RESERVE_FAILED);
     } else {
         bump(counter::CONTROL_EVENTS);
@@ -65,8 +66,12 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     {
         let _ = WATCHED.insert(&tgid, &1, 0);
     }
-    if emit_exec() {
-        emit_proc(kind::EXEC, tgid, 0);
+    // Watched processes report every exec: what names them (exe, cmdline) just changed,
+    // e.g. a pyenv shim that is bash until it execs python.
+    // The agent is woken at once: it names the process from /proc, which a short-lived
+    // process may have left by the next periodic drain.
+    if emit_exec() || current_if_watched().is_some() {
+        emit_proc(kind::EXEC, tgid, 0, BPF_RB_FORCE_WAKEUP as u64);
     }
     0
 }
@@ -89,6 +94,6 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if !trace_all() {
         let _ = WATCHED.remove(&tgid);
     }
-    emit_proc(kind::EXIT, tgid, 0);
+    emit_proc(kind::EXIT, tgid, 0, wakeup_flags());
     0
 }

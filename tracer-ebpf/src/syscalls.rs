@@ -1,6 +1,8 @@
-//! Raw sys_enter/sys_exit tracepoints on the socket paths: enter records the arguments, exit
-//! copies what the syscall really moved. Only sockets learned from accept/connect (or seeded
-//! by user space) are followed, so other fds of a watched process cost one map lookup.
+//! Raw sys_enter/sys_exit tracepoints on the socket and pipe paths: enter records the
+//! arguments, exit copies what the syscall really moved. Sockets are followed once learned
+//! from accept/connect (or seeded by user space); pipes once a read or write on an unknown fd
+//! finds a FIFO inode behind it in the task's fd table. Every other fd of a watched process
+//! is classified once and then costs two map lookups.
 //!
 //! Raw tracepoints rather than the per-syscall ones: those build a perf record for every
 //! hooked syscall of every process before the program even runs; here the syscalls of no
@@ -10,18 +12,19 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
-        generated::{self, bpf_get_current_cgroup_id},
+        generated::{self, bpf_get_current_cgroup_id, bpf_get_current_task},
     },
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
 use tracer_common::{
-    ConnEvent, DataEvent, MAX_CAPTURE, MAX_IOVECS, SockAddr, SockInfo, counter, direction, kind,
-    role, sock_key,
+    ConnEvent, DataEvent, MAX_CAPTURE, MAX_IOVECS, SockAddr, SockInfo, TAIL_CAPTURE, counter,
+    direction, kind, role, sock_key,
 };
 
 use crate::util::{
-    EVENTS, INFLIGHT, Inflight, SCRATCH, SOCKETS, bump, current_if_watched, wakeup_flags,
+    EVENTS, FdWalk, INFLIGHT, Inflight, OTHER_FDS, SCRATCH, SOCKETS, bump, current_if_watched,
+    fd_walk, wakeup_flags,
 };
 
 /// What the saved pointer of an in-flight syscall points at.
@@ -37,6 +40,8 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const MSG_PEEK: u64 = 2;
 const EINPROGRESS: i64 = 115;
+const S_IFMT: u16 = 0o170000;
+const S_IFIFO: u16 = 0o010000;
 
 /// x86_64 syscall numbers of the hooked calls.
 mod nr {
@@ -51,7 +56,9 @@ mod nr {
     pub const RECVFROM: u64 = 45;
     pub const SENDMSG: u64 = 46;
     pub const RECVMSG: u64 = 47;
+    pub const DUP2: u64 = 33;
     pub const ACCEPT4: u64 = 288;
+    pub const DUP3: u64 = 292;
 }
 
 /// Offsets in x86_64 `struct pt_regs` of the first four syscall arguments (di, si, dx, r10)
@@ -72,17 +79,19 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     let id: u64 = ctx.arg(1);
     let regs: u64 = ctx.arg(0);
     match id {
-        nr::READ => enter_data(regs, op::BUF, direction::INGRESS, None),
-        nr::WRITE => enter_data(regs, op::BUF, direction::EGRESS, None),
-        nr::READV => enter_data(regs, op::IOVEC, direction::INGRESS, None),
-        nr::WRITEV => enter_data(regs, op::IOVEC, direction::EGRESS, None),
-        nr::SENDTO => enter_data(regs, op::BUF, direction::EGRESS, None),
-        nr::RECVFROM => enter_data(regs, op::BUF, direction::INGRESS, Some(3)),
-        nr::SENDMSG => enter_data(regs, op::MSGHDR, direction::EGRESS, None),
-        nr::RECVMSG => enter_data(regs, op::MSGHDR, direction::INGRESS, Some(2)),
+        nr::READ => enter_data(regs, op::BUF, direction::INGRESS, None, true),
+        nr::WRITE => enter_data(regs, op::BUF, direction::EGRESS, None, true),
+        nr::READV => enter_data(regs, op::IOVEC, direction::INGRESS, None, true),
+        nr::WRITEV => enter_data(regs, op::IOVEC, direction::EGRESS, None, true),
+        nr::SENDTO => enter_data(regs, op::BUF, direction::EGRESS, None, false),
+        nr::RECVFROM => enter_data(regs, op::BUF, direction::INGRESS, Some(3), false),
+        nr::SENDMSG => enter_data(regs, op::MSGHDR, direction::EGRESS, None, false),
+        nr::RECVMSG => enter_data(regs, op::MSGHDR, direction::INGRESS, Some(2), false),
         nr::ACCEPT | nr::ACCEPT4 => enter_accept(regs),
         nr::CONNECT => enter_connect(regs),
-        nr::CLOSE => enter_close(regs),
+        // dup2/dup3 close their target fd silently: forget what was known about it.
+        nr::CLOSE => enter_close(regs, 0),
+        nr::DUP2 | nr::DUP3 => enter_close(regs, 1),
         _ => {}
     }
     0
@@ -110,10 +119,99 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Whether the data of (tgid, fd) is copied. An fd not met before is classified here when
+/// the syscall could be on a pipe: pipes become followed, everything else is remembered as
+/// not followed.
 #[inline(always)]
-fn is_socket(tgid: u32, fd: i32) -> bool {
+fn is_followed(id: u64, tgid: u32, fd: i32, may_be_pipe: bool) -> bool {
+    let key = sock_key(tgid, fd);
+    // SAFETY: the role is copied out at once.
+    if let Some(info) = unsafe { SOCKETS.get(&key) } {
+        return info.role != role::IGNORED;
+    }
+    if !may_be_pipe {
+        return false;
+    }
+    let Some(walk) = fd_walk() else {
+        return false;
+    };
     // SAFETY: presence test only.
-    unsafe { SOCKETS.get(&sock_key(tgid, fd)) }.is_some()
+    if unsafe { OTHER_FDS.get(&key) }.is_some() {
+        return false;
+    }
+    match fd_inode(&walk, fd) {
+        Some((mode, ino)) if mode & S_IFMT == S_IFIFO => {
+            track_pipe(id, fd, ino);
+            true
+        }
+        Some(_) => {
+            if OTHER_FDS.insert(&key, &0, 0).is_err() {
+                bump(counter::OTHER_FD_MAP_FULL);
+            }
+            false
+        }
+        None => {
+            bump(counter::FD_WALK_FAILED);
+            false
+        }
+    }
+}
+
+#[inline(always)]
+fn read_kernel<T: Copy>(addr: u64) -> Option<T> {
+    if addr == 0 {
+        return None;
+    }
+    // SAFETY: kernel memory read through the helper, which faults safely.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+/// (i_mode, i_ino) of the inode behind `fd` of the current task:
+/// current->files->fdt->fd[fd]->f_inode.
+#[inline(always)]
+fn fd_inode(walk: &FdWalk, fd: i32) -> Option<(u16, u64)> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: returns the current task pointer; only ever read through the helper.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read_kernel(task + walk.task_files)?;
+    let fdt: u64 = read_kernel(files + walk.files_fdt)?;
+    let max_fds: u32 = read_kernel(fdt + walk.fdt_max_fds)?;
+    if fd as u32 >= max_fds {
+        return None;
+    }
+    let fds: u64 = read_kernel(fdt + walk.fdt_fd)?;
+    let file: u64 = read_kernel(fds + 8 * fd as u64)?;
+    let inode: u64 = read_kernel(file + walk.file_inode)?;
+    let mode: u16 = read_kernel(inode + walk.inode_mode)?;
+    let ino: u64 = read_kernel(inode + walk.inode_ino)?;
+    Some((mode, ino))
+}
+
+#[inline(always)]
+fn track_pipe(id: u64, fd: i32, ino: u64) {
+    let tgid = (id >> 32) as u32;
+    let conn_id = unsafe { bpf_ktime_get_ns() };
+    let info = SockInfo {
+        conn_id,
+        role: role::PIPE,
+        _pad: [0; 3],
+        seq: 0,
+    };
+    if SOCKETS.insert(&sock_key(tgid, fd), &info, 0).is_err() {
+        bump(counter::SOCKET_MAP_FULL);
+        return;
+    }
+    emit_conn(
+        kind::PIPE,
+        role::PIPE,
+        id,
+        fd,
+        conn_id,
+        SockAddr::default(),
+        ino,
+    );
 }
 
 #[inline(always)]
@@ -142,12 +240,12 @@ fn inflight(op: u8, dir: u8, fd: i32, ptr: u64, len: u64) -> Inflight {
 
 /// Enter of a data syscall: remember its arguments when the fd is a followed socket.
 #[inline(always)]
-fn enter_data(regs: u64, op: u8, dir: u8, peek_flags_arg: Option<usize>) {
+fn enter_data(regs: u64, op: u8, dir: u8, peek_flags_arg: Option<usize>, may_be_pipe: bool) {
     let Some((id, tgid)) = current_if_watched() else {
         return;
     };
     let fd = read_regs_u64(regs, PT_REGS_ARGS[0]) as i32;
-    if !is_socket(tgid, fd) {
+    if !is_followed(id, tgid, fd, may_be_pipe) {
         return;
     }
     if let Some(i) = peek_flags_arg
@@ -178,15 +276,15 @@ fn take_inflight() -> Option<(u64, Inflight)> {
 fn emit_chunk(id: u64, saved: &Inflight, key: u64, src: u64, total: u64, chunk: u8, now: u64) {
     // The sequence number advances before anything can fail, so a lost record shows as a
     // hole in the numbers user space sees.
-    let (conn_id, seq) = match SOCKETS.get_ptr_mut(&key) {
+    let (conn_id, seq, fd_role) = match SOCKETS.get_ptr_mut(&key) {
         // SAFETY: map value pointer; a concurrent writer on another CPU can at worst repeat
         // a number, which reads as no loss.
         Some(sock) => unsafe {
             let seq = (*sock).seq;
             (*sock).seq = seq.wrapping_add(1);
-            ((*sock).conn_id, seq)
+            ((*sock).conn_id, seq, (*sock).role)
         },
-        None => (0, 0),
+        None => (0, 0, role::UNKNOWN),
     };
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         bump(counter::DATA_RESERVE_FAILED);
@@ -206,7 +304,7 @@ fn emit_chunk(id: u64, saved: &Inflight, key: u64, src: u64, total: u64, chunk: 
         (*ev).kind = kind::DATA;
         (*ev).direction = saved.direction;
         (*ev).chunk = chunk;
-        (*ev)._pad = 0;
+        (*ev).role = fd_role;
         (*ev).fd = saved.fd;
         (*ev).tgid = (id >> 32) as u32;
         (*ev).tid = id as u32;
@@ -246,7 +344,9 @@ const DATA_HEADER_BYTES: usize = core::mem::offset_of!(DataEvent, buf);
 /// `n` clamped to MAX_CAPTURE in a form whose bound the verifier can see.
 #[inline(always)]
 fn bounded(n: u32) -> u32 {
-    let n = n & (MAX_CAPTURE as u32 * 2 - 1);
+    // black_box: LLVM can prove the bound on some paths and then drop the mask, leaving a
+    // register whose range the verifier cannot see.
+    let n = core::hint::black_box(n) & (MAX_CAPTURE as u32 * 2 - 1);
     if n > MAX_CAPTURE as u32 {
         MAX_CAPTURE as u32
     } else {
@@ -301,6 +401,20 @@ fn exit_data(moved: i64) {
     let now = unsafe { bpf_ktime_get_ns() };
     let key = sock_key((id >> 32) as u32, saved.fd);
     match saved.op {
+        op::BUF if moved > MAX_CAPTURE as u64 => {
+            // Head and tail: the middle of a large buffer is counted, not copied.
+            let head = moved - TAIL_CAPTURE as u64;
+            emit_chunk(id, &saved, key, saved.ptr, head, 0, now);
+            emit_chunk(
+                id,
+                &saved,
+                key,
+                saved.ptr + head,
+                TAIL_CAPTURE as u64,
+                1,
+                now,
+            );
+        }
         op::BUF => emit_chunk(id, &saved, key, saved.ptr, moved, 0, now),
         op::IOVEC => emit_iovecs(id, &saved, key, saved.ptr, saved.len, moved, now),
         op::MSGHDR => {
@@ -347,7 +461,15 @@ fn read_sockaddr(ptr: u64) -> SockAddr {
 }
 
 #[inline(always)]
-fn emit_conn(event_kind: u8, sock_role: u8, id: u64, fd: i32, conn_id: u64, peer: SockAddr) {
+fn emit_conn(
+    event_kind: u8,
+    sock_role: u8,
+    id: u64,
+    fd: i32,
+    conn_id: u64,
+    peer: SockAddr,
+    inode: u64,
+) {
     let event = ConnEvent {
         kind: event_kind,
         role: sock_role,
@@ -359,6 +481,7 @@ fn emit_conn(event_kind: u8, sock_role: u8, id: u64, fd: i32, conn_id: u64, peer
         ts_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         peer,
+        inode,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     if EVENTS.output(&event, wakeup_flags()).is_err() {
@@ -382,7 +505,7 @@ fn track(id: u64, fd: i32, sock_role: u8, event_kind: u8, peer: SockAddr) {
         bump(counter::SOCKET_MAP_FULL);
         return;
     }
-    emit_conn(event_kind, sock_role, id, fd, conn_id, peer);
+    emit_conn(event_kind, sock_role, id, fd, conn_id, peer, 0);
 }
 
 #[inline(always)]
@@ -446,13 +569,15 @@ fn exit_connect(r: i64) {
     track(id, saved.fd, role::CLIENT, kind::CONNECT, peer);
 }
 
+/// close(fd), or dup2/dup3 onto fd (`fd_arg` 1), for a watched process.
 #[inline(always)]
-fn enter_close(regs: u64) {
+fn enter_close(regs: u64, fd_arg: usize) {
     let Some((id, tgid)) = current_if_watched() else {
         return;
     };
-    let fd = read_regs_u64(regs, PT_REGS_ARGS[0]) as i32;
+    let fd = read_regs_u64(regs, PT_REGS_ARGS[fd_arg & 3]) as i32;
     let key = sock_key(tgid, fd);
+    let _ = OTHER_FDS.remove(&key);
     // SAFETY: copied out before removal.
     let Some(info) = (unsafe { SOCKETS.get(&key) }).copied() else {
         return;
@@ -465,5 +590,6 @@ fn enter_close(regs: u64) {
         fd,
         info.conn_id,
         SockAddr::default(),
+        0,
     );
 }

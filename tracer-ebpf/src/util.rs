@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    DataEvent, MAX_INFLIGHT, MAX_SOCKETS, MAX_WATCHED, RING_BYTES, RING_WAKEUP_BYTES, SockInfo,
-    counter,
+    DataEvent, MAX_INFLIGHT, MAX_OTHER_FDS, MAX_SOCKETS, MAX_WATCHED, RING_BYTES,
+    RING_WAKEUP_BYTES, SockInfo, counter,
 };
 
 /// Load-time settings, written by the agent with `EbpfLoader::override_global`.
@@ -25,6 +25,58 @@ static EMIT_EXEC: u8 = 0;
 /// (inline comm arrays before 6.x, __data_loc strings after), so user space reads it from tracefs.
 #[unsafe(no_mangle)]
 static FORK_CHILD_PID_OFFSET: u32 = 20;
+
+/// Kernel struct offsets for the fd walk (task_struct.files, files_struct.fdt, fdtable.max_fds,
+/// fdtable.fd, file.f_inode, inode.i_mode, inode.i_ino), read from BTF by user space.
+/// FOLLOW_PIPES stays 0 when they could not be found, and pipes are then not followed.
+#[unsafe(no_mangle)]
+static FOLLOW_PIPES: u8 = 0;
+#[unsafe(no_mangle)]
+static OFF_TASK_FILES: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_FILES_FDT: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_FDT_MAX_FDS: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_FDT_FD: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_FILE_INODE: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_INODE_MODE: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_INODE_INO: u32 = 0;
+
+/// The fd-walk offsets, in the order of the globals above.
+#[derive(Clone, Copy)]
+pub struct FdWalk {
+    pub task_files: u64,
+    pub files_fdt: u64,
+    pub fdt_max_fds: u64,
+    pub fdt_fd: u64,
+    pub file_inode: u64,
+    pub inode_mode: u64,
+    pub inode_ino: u64,
+}
+
+/// The fd-walk offsets, or None when pipes are not followed.
+#[inline(always)]
+pub fn fd_walk() -> Option<FdWalk> {
+    // SAFETY: reads of load-time constants; volatile so the compiler keeps the loads.
+    unsafe {
+        if core::ptr::read_volatile(&FOLLOW_PIPES) == 0 {
+            return None;
+        }
+        Some(FdWalk {
+            task_files: core::ptr::read_volatile(&OFF_TASK_FILES) as u64,
+            files_fdt: core::ptr::read_volatile(&OFF_FILES_FDT) as u64,
+            fdt_max_fds: core::ptr::read_volatile(&OFF_FDT_MAX_FDS) as u64,
+            fdt_fd: core::ptr::read_volatile(&OFF_FDT_FD) as u64,
+            file_inode: core::ptr::read_volatile(&OFF_FILE_INODE) as u64,
+            inode_mode: core::ptr::read_volatile(&OFF_INODE_MODE) as u64,
+            inode_ino: core::ptr::read_volatile(&OFF_INODE_INO) as u64,
+        })
+    }
+}
 
 #[inline(always)]
 pub fn trace_all() -> bool {
@@ -67,6 +119,12 @@ pub static COMM_FILTER: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0)
 /// processes that vanished without a close cannot fill it.
 #[map]
 pub static SOCKETS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// (tgid, fd) of watched processes known not to be followed (regular files, unix sockets,
+/// ...): their reads and writes then cost one lookup, not an fd-table walk. LRU and apart
+/// from SOCKETS so a process with many files cannot push connections out.
+#[map]
+pub static OTHER_FDS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_OTHER_FDS, 0);
 
 /// Per-CPU assembly slot for a data record (too big for the 512-byte BPF stack).
 #[map]

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::Config,
-    discover::{naming, procfs, selection::Selection, self_sockets::SelfSockets},
+    discover::{naming, plugin_runtime, procfs, selection::Selection, self_sockets::SelfSockets},
     export::{ExportConfig, Exporter},
     probes::{
         KernelSelection, Probes,
@@ -26,7 +26,7 @@ use crate::{
         clock::{Clock, monotonic_ns},
         model::{FinishedSpan, ProcessResource},
     },
-    stream::{ConnKey, ConnTable, Role, StreamEvent},
+    stream::{ConnKey, ConnTable, PipeTable, PipeVerdict, Role, StreamEvent},
 };
 
 /// Records handled before the loop looks at timers and signals again.
@@ -80,18 +80,35 @@ impl ProcessCache {
                 .map_or_else(|| format!("pid-{tgid}"), str::to_string),
             ..Default::default()
         });
+        debug!(tgid, ?facts, "naming process");
         let executable_name = facts
             .exe
             .as_deref()
             .and_then(|p| p.file_name())
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| facts.comm.clone());
+        let service_name = match plugin_runtime::identify(&facts) {
+            Some(plugin) if naming::by_rule(&facts, &self.rules).is_none() => {
+                plugin.service_name(&self.daemon_service(facts.ppid))
+            }
+            _ => naming::service_name(&facts, &self.rules),
+        };
         Arc::new(ProcessResource {
-            service_name: naming::service_name(&facts, &self.rules),
+            service_name,
             pid: tgid,
             executable_name,
             host_name: self.host_name.clone(),
         })
+    }
+
+    /// Service name of the process that started a plugin runtime (the plugin daemon).
+    fn daemon_service(&self, ppid: u32) -> String {
+        if let Some(known) = self.known.get(&ppid) {
+            return known.service_name.clone();
+        }
+        procfs::read_process(ppid)
+            .map(|facts| naming::service_name(&facts, &self.rules))
+            .unwrap_or_else(|| "plugin-daemon".into())
     }
 
     fn forget(&mut self, tgid: u32) {
@@ -122,12 +139,15 @@ pub struct AgentCounters {
     pub decode_errors: u64,
     /// Connections from the agent's own sockets, ignored.
     pub own_connections: u64,
+    /// Spans handed to the exporters.
+    pub spans: u64,
 }
 
 pub struct Agent {
     probes: Probes,
     selection: Selection,
     conns: ConnTable,
+    pipes: PipeTable,
     builder: SpanBuilder,
     procs: ProcessCache,
     own_sockets: SelfSockets,
@@ -164,6 +184,22 @@ impl Agent {
             enter_ns: chunk.ts_enter_ns,
             exit_ns: chunk.ts_exit_ns,
         };
+        if chunk.pipe {
+            let verdict = self.pipes.data(
+                key,
+                chunk.tid,
+                chunk.ingress,
+                chunk.captured,
+                chunk.total_len,
+                chunk.seq,
+                ts,
+                &mut self.stream_events,
+            );
+            if verdict == PipeVerdict::Mute {
+                self.probes.mute_fd(key.tgid, key.fd, key.conn_id);
+            }
+            return;
+        }
         self.conns.data(
             key,
             chunk.tid,
@@ -206,6 +242,14 @@ impl Agent {
                 self.conns
                     .open(key, conn_role, peer, conn.ts_ns, &mut self.stream_events);
             }
+            kind::PIPE => {
+                let comm = event::comm_str(&conn.comm);
+                self.procs.ensure_named(conn.tgid, Some(&comm));
+                self.pipes.open(key, conn.inode, conn.ts_ns);
+            }
+            kind::CLOSE if conn.role == role::PIPE || conn.role == role::IGNORED => {
+                self.pipes.close(key);
+            }
             kind::CLOSE => self.conns.close(key, conn.ts_ns, &mut self.stream_events),
             _ => {}
         }
@@ -214,6 +258,13 @@ impl Agent {
     fn on_proc(&mut self, proc_event: &ProcEvent) {
         match proc_event.kind {
             kind::EXEC => {
+                // Named again from its new executable, now: a short-lived process may be
+                // gone by the time its records are read.
+                self.procs.forget(proc_event.tgid);
+                self.procs.ensure(proc_event.tgid);
+                if self.selection.exes.is_empty() {
+                    return;
+                }
                 if let Some(facts) = procfs::read_process(proc_event.tgid)
                     && self.selection.matches(&facts)
                 {
@@ -225,11 +276,18 @@ impl Agent {
                 let fds =
                     self.conns
                         .exit(proc_event.tgid, proc_event.ts_ns, &mut self.stream_events);
-                for fd in fds {
+                let pipe_fds = self.pipes.exit(proc_event.tgid);
+                for fd in fds.into_iter().chain(pipe_fds) {
                     self.probes.forget_socket(proc_event.tgid, fd);
                 }
                 self.drain();
-                self.builder.forget_process(proc_event.tgid);
+                self.builder.process_exited(
+                    proc_event.tgid,
+                    proc_event.ts_ns,
+                    &mut self.procs,
+                    &mut self.spans,
+                );
+                self.export_spans();
                 self.procs.forget(proc_event.tgid);
             }
             _ => {}
@@ -244,7 +302,12 @@ impl Agent {
             self.builder
                 .on_event(event, &mut self.procs, &mut self.spans);
         }
+        self.export_spans();
+    }
+
+    fn export_spans(&mut self) {
         for span in self.spans.drain(..) {
+            self.counters.spans += 1;
             self.exporter.export(span);
         }
     }
@@ -269,9 +332,13 @@ impl Agent {
     /// Periodic housekeeping.
     pub fn tick(&mut self) {
         self.own_sockets.refresh();
-        self.conns
-            .evict_idle(monotonic_ns(), &mut self.stream_events);
+        let now = monotonic_ns();
+        self.conns.evict_idle(now, &mut self.stream_events);
+        self.pipes.evict_idle(now);
         self.drain();
+        self.builder
+            .evict_idle(now, &mut self.procs, &mut self.spans);
+        self.export_spans();
     }
 
     /// One line of self-statistics, in a stable `key=value` format (the bench parses it).
@@ -283,14 +350,18 @@ impl Agent {
             k[counter::DATA_RESERVE_FAILED as usize] + k[counter::CONTROL_RESERVE_FAILED as usize];
         let s = &self.conns.counters;
         let b = &self.builder.counters;
+        let p = &self.pipes.counters;
+        let inv = &self.builder.plugins.counters;
         info!(
-            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} watched={}",
-            b.spans,
+            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={}",
+            self.counters.spans,
             export.spans_dropped,
             k[counter::COPY_FAILED as usize],
             k[counter::INFLIGHT_FULL as usize],
             k[counter::SOCKET_MAP_FULL as usize],
             k[counter::IOVEC_OVERFLOW as usize],
+            k[counter::FD_WALK_FAILED as usize],
+            k[counter::OTHER_FD_MAP_FULL as usize],
             self.counters.records,
             self.counters.decode_errors,
             self.counters.own_connections,
@@ -306,6 +377,15 @@ impl Agent {
             b.unmatched_responses,
             b.no_response,
             self.probes.watched_len(),
+            self.pipes.len(),
+            p.muted,
+            p.lines,
+            p.not_json_lines,
+            p.lost_records,
+            inv.invocations,
+            self.builder.plugins.open_len(),
+            inv.orphan_events,
+            inv.adopted,
         );
     }
 }
@@ -319,6 +399,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         trace_all,
         comms: selection.comms.clone(),
         emit_exec: !selection.exes.is_empty(),
+        follow_pipes: config.follow_pipes,
     };
     let mut probes = Probes::load(&kernel_selection)?;
     let ring = probes.take_ring().context("ring buffer already taken")?;
@@ -334,6 +415,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         probes,
         selection,
         conns: ConnTable::new(),
+        pipes: PipeTable::new(),
         builder: SpanBuilder::new(Clock::now()),
         procs: ProcessCache::new(config.name_rules.clone()),
         own_sockets: SelfSockets::new(),

@@ -54,6 +54,9 @@ pub struct Cli {
     /// Seconds between self-statistics log lines (events, drops, spans); 0 disables them.
     #[arg(long, default_value_t = 30)]
     pub stats_interval: u64,
+    /// Do not follow pipes (plugin stdio); only sockets are traced.
+    #[arg(long)]
+    pub no_pipes: bool,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     pub log_level: String,

@@ -18,6 +18,8 @@ pub struct Config {
     pub console: bool,
     pub ready_file: Option<PathBuf>,
     pub stats_interval_secs: u64,
+    /// Follow pipes as well as sockets (plugin stdio).
+    pub follow_pipes: bool,
 }
 
 impl Config {
@@ -41,6 +43,7 @@ impl Config {
             otlp_protocol: cli.otlp_protocol,
             ready_file: cli.ready_file.clone(),
             stats_interval_secs: cli.stats_interval,
+            follow_pipes: !cli.no_pipes,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Which processes to watch, and what they are: /proc scans, exec/exit events, service names.
 
 pub mod naming;
+pub mod plugin_runtime;
 pub mod procfs;
 pub mod selection;
 pub mod self_sockets;

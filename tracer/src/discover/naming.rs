@@ -35,19 +35,20 @@ impl std::str::FromStr for NameRule {
     }
 }
 
+/// The name a `--service-name` rule gives the process, if one matches.
+pub fn by_rule(facts: &ProcFacts, rules: &[NameRule]) -> Option<String> {
+    rules.iter().find_map(|rule| match rule {
+        NameRule::Pid(pid, name) if *pid == facts.tgid || *pid == facts.ppid => Some(name.clone()),
+        NameRule::Comm(comm, name) if *comm == facts.comm => Some(name.clone()),
+        NameRule::Exe(exe, name) if exe_matches(facts.exe.as_deref(), exe) => Some(name.clone()),
+        _ => None,
+    })
+}
+
 /// The service name of a process.
 pub fn service_name(facts: &ProcFacts, rules: &[NameRule]) -> String {
-    for rule in rules {
-        match rule {
-            NameRule::Pid(pid, name) if *pid == facts.tgid || *pid == facts.ppid => {
-                return name.clone();
-            }
-            NameRule::Comm(comm, name) if *comm == facts.comm => return name.clone(),
-            NameRule::Exe(exe, name) if exe_matches(facts.exe.as_deref(), exe) => {
-                return name.clone();
-            }
-            _ => {}
-        }
+    if let Some(name) = by_rule(facts, rules) {
+        return name;
     }
     if let Some(name) = gunicorn_name(&facts.cmdline) {
         return name;

@@ -34,8 +34,9 @@ pub enum ConsoleError {
 ///
 /// `2026-11-25T17:40:01.123Z SERVER app GET /hello 200 12.345ms trace=.. span=.. parent=.. pid=1234 peer=..`
 ///
-/// The timestamp is the span start. Method and path fall back to the span name when the span
-/// has no `http.request.method`, status to `-`. `peer=` is `server.address:server.port` for
+/// The timestamp is the span start. Method and path fall back to the two words of the span
+/// name when the span has no `http.request.method` (`plugin invoke_tool`), status to `-`.
+/// Plugin sessions carry `session=`. `peer=` is `server.address:server.port` for
 /// CLIENT spans and `client.address:client.port` for SERVER spans, when known; `error=` follows
 /// when the span status is an error.
 pub fn format_span_line(span: &FinishedSpan) -> String {
@@ -59,7 +60,17 @@ pub fn format_span_line(span: &FinishedSpan) -> String {
                 None => line.push('-'),
             }
         }
-        None => push_token(&mut line, &span.name),
+        None => {
+            // Other spans are named `<system> <operation>` (e.g. `plugin invoke_tool`): two
+            // tokens, like method and path.
+            let mut words = span.name.splitn(2, ' ');
+            push_token(&mut line, words.next().unwrap_or("-"));
+            line.push(' ');
+            match words.next() {
+                Some(rest) => push_token(&mut line, rest),
+                None => line.push('-'),
+            }
+        }
     }
     line.push(' ');
     match span
@@ -89,6 +100,10 @@ pub fn format_span_line(span: &FinishedSpan) -> String {
     if let Some(peer) = peer(span) {
         line.push_str(" peer=");
         push_token(&mut line, &peer);
+    }
+    if let Some(session) = span.attr("dify.plugin.session_id") {
+        line.push_str(" session=");
+        push_token(&mut line, &attr_text(session));
     }
     if let SpanStatus::Error(description) = &span.status {
         // Quoted and escaped because descriptions are free text that may hold spaces.
@@ -439,10 +454,16 @@ mod tests {
         });
         let line = format_span_line(&span);
         assert!(
-            line.starts_with("2026-11-25T17:40:01.123Z INTERNAL - plugin%20invoke - 12.345ms "),
+            line.starts_with("2026-11-25T17:40:01.123Z INTERNAL - plugin invoke - 12.345ms "),
             "{line}"
         );
         assert!(!line.contains("peer="), "{line}");
+        span.name = "single".into();
+        span.attributes
+            .push(("dify.plugin.session_id".into(), s("s 1")));
+        let line = format_span_line(&span);
+        assert!(line.contains(" - single - - 12.345ms "), "{line}");
+        assert!(line.contains(" session=s%201"), "{line}");
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct DataChunk<'a> {
     pub captured: &'a [u8],
     /// Per-socket record sequence number (holes mean lost records).
     pub seq: u32,
+    /// Whether the fd is a pipe (else a socket).
+    pub pipe: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -92,14 +94,18 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 total_len: u64_at(OFF_TOTAL),
                 captured: &bytes[buf_start..buf_end],
                 seq: u32_at(OFF_SEQ),
+                pipe: bytes[OFF_ROLE] == tracer_common::role::PIPE,
             }))
         }
-        kind::CONNECT | kind::ACCEPT | kind::CLOSE => Ok(Event::Conn(read(bytes, record_kind)?)),
+        kind::CONNECT | kind::ACCEPT | kind::CLOSE | kind::PIPE => {
+            Ok(Event::Conn(read(bytes, record_kind)?))
+        }
         kind::EXEC | kind::EXIT | kind::FORK => Ok(Event::Proc(read(bytes, record_kind)?)),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
 
+const OFF_ROLE: usize = std::mem::offset_of!(DataEvent, role);
 const OFF_FD: usize = std::mem::offset_of!(DataEvent, fd);
 const OFF_TGID: usize = std::mem::offset_of!(DataEvent, tgid);
 const OFF_TID: usize = std::mem::offset_of!(DataEvent, tid);

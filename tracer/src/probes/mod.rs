@@ -1,5 +1,6 @@
 //! Loads the kernel programs, attaches them, and hands ring buffer records to the pipeline.
 
+pub mod btf;
 pub mod event;
 pub mod tracefs;
 
@@ -13,6 +14,9 @@ use aya::{
 };
 use tracer_common::{SockInfo, counter, sock_key};
 use tracing::{debug, info, warn};
+
+/// Map update flag: only replace an existing entry.
+const BPF_EXIST: u64 = 2;
 
 /// The object built by tracer/build.rs from tracer-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -32,6 +36,25 @@ pub struct KernelSelection {
     pub trace_all: bool,
     pub comms: Vec<String>,
     pub emit_exec: bool,
+    /// Follow pipes and FIFOs (plugin stdio) as well as sockets.
+    pub follow_pipes: bool,
+}
+
+/// The kernel struct offsets for following pipes, or None (pipes then not followed) when
+/// the kernel's BTF does not have them.
+fn fd_walk_offsets() -> Option<btf::FdWalkOffsets> {
+    let offsets = btf::Btf::from_sys_fs()
+        .and_then(|b| btf::FdWalkOffsets::from_btf(&b).map_err(anyhow::Error::from));
+    match offsets {
+        Ok(offsets) => {
+            debug!(?offsets, "fd walk offsets from kernel BTF");
+            Some(offsets)
+        }
+        Err(err) => {
+            warn!("pipes (plugin stdio) are not followed: {err:#}");
+            None
+        }
+    }
 }
 
 /// Loaded and attached programs plus handles on the maps user space writes.
@@ -57,11 +80,26 @@ impl Probes {
         let trace_all = u8::from(selection.trace_all);
         let emit_exec = u8::from(selection.emit_exec);
         let agent_tgid = std::process::id();
+        let walk = if selection.follow_pipes {
+            fd_walk_offsets()
+        } else {
+            None
+        };
+        let follow_pipes = u8::from(walk.is_some());
+        let walk = walk.unwrap_or_default();
         let mut ebpf = EbpfLoader::new()
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("EMIT_EXEC", &emit_exec, true)
             .override_global("AGENT_TGID", &agent_tgid, true)
             .override_global("FORK_CHILD_PID_OFFSET", &fork_child_pid_offset, true)
+            .override_global("FOLLOW_PIPES", &follow_pipes, true)
+            .override_global("OFF_TASK_FILES", &walk.task_files, true)
+            .override_global("OFF_FILES_FDT", &walk.files_fdt, true)
+            .override_global("OFF_FDT_MAX_FDS", &walk.fdt_max_fds, true)
+            .override_global("OFF_FDT_FD", &walk.fdt_fd, true)
+            .override_global("OFF_FILE_INODE", &walk.file_inode, true)
+            .override_global("OFF_INODE_MODE", &walk.inode_mode, true)
+            .override_global("OFF_INODE_INO", &walk.inode_ino, true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (is this root on Linux >= 6.1 with BTF?)")?;
 
@@ -120,6 +158,23 @@ impl Probes {
         };
         if let Err(err) = self.sockets.insert(&sock_key(tgid, fd), &info, 0) {
             debug!(tgid, fd, %err, "cannot seed socket");
+        }
+    }
+
+    /// Keeps the kernel's entry for a followed fd but stops the copying of its bytes (a pipe
+    /// that turned out not to carry anything parsed).
+    pub fn mute_fd(&mut self, tgid: u32, fd: i32, conn_id: u64) {
+        let key = sock_key(tgid, fd);
+        // Only the same generation, and only while it exists: muting an fd that was closed
+        // (and perhaps reused by the next pipe) would silence the wrong one.
+        match self.sockets.get(&key, 0) {
+            Ok(mut info) if info.conn_id == conn_id => {
+                info.role = tracer_common::role::IGNORED;
+                if let Err(err) = self.sockets.insert(&key, &info, BPF_EXIST) {
+                    debug!(tgid, fd, %err, "cannot mute fd");
+                }
+            }
+            _ => {}
         }
     }
 

@@ -1,3 +1,4 @@
 //! Pure parsers over captured bytes: no I/O, resumable across chunk borders, never panic.
 
 pub mod http1;
+pub mod stdio;

@@ -3,6 +3,8 @@
 //! Linking inside a process: a SERVER span is "active" on the thread that received its
 //! request from the moment the request is complete until its response is complete; a CLIENT
 //! request started on that thread meanwhile is its child (sync workers, thread-per-request).
+//! A CLIENT request outside any thread context in a plugin process belongs to the plugin
+//! invocation being served (see `plugin`).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -16,6 +18,7 @@ use super::{
     clock::Clock,
     http_attrs::{self, Outcome},
     model::{FinishedSpan, ProcessResource, SpanKind},
+    plugin::PluginSessions,
     traceparent,
 };
 use crate::{
@@ -64,6 +67,7 @@ pub struct SpanBuilder {
     active: HashMap<(u32, u32), Vec<SpanIds>>,
     pub counters: BuilderCounters,
     clock: Option<Clock>,
+    pub plugins: PluginSessions,
 }
 
 impl SpanBuilder {
@@ -110,7 +114,56 @@ impl SpanBuilder {
             StreamEvent::Lost { key, ts_ns } => {
                 self.on_closed(key, ts_ns, Outcome::CaptureLost, resources, out)
             }
+            StreamEvent::Stdio {
+                key, ingress, line, ..
+            } => {
+                let thread_parent = self
+                    .active
+                    .get(&(key.tgid, line.tid))
+                    .and_then(|stack| stack.last())
+                    .copied();
+                let clock = self.clock();
+                self.plugins.on_line(
+                    key.tgid,
+                    ingress,
+                    &line,
+                    thread_parent,
+                    clock,
+                    &mut |tgid| resources.resource(tgid),
+                    out,
+                );
+            }
         }
+    }
+
+    fn clock(&self) -> Clock {
+        self.clock.unwrap_or_else(Clock::now)
+    }
+
+    /// A process exited: its open plugin sessions (and their daemon sides) end in error.
+    pub fn process_exited(
+        &mut self,
+        tgid: u32,
+        ts_ns: u64,
+        resources: &mut dyn ResourceSource,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        let clock = self.clock();
+        self.plugins
+            .process_exited(tgid, ts_ns, clock, &mut |t| resources.resource(t), out);
+        self.forget_process(tgid);
+    }
+
+    /// Ends plugin sessions that went silent.
+    pub fn evict_idle(
+        &mut self,
+        now_ns: u64,
+        resources: &mut dyn ResourceSource,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        let clock = self.clock();
+        self.plugins
+            .evict_idle(now_ns, clock, &mut |t| resources.resource(t), out);
     }
 
     fn on_request(
@@ -144,7 +197,9 @@ impl SpanBuilder {
                 let inferred = self
                     .active
                     .get(&(key.tgid, tid))
-                    .and_then(|stack| stack.last());
+                    .and_then(|stack| stack.last())
+                    .copied()
+                    .or_else(|| self.plugins.context_for(key.tgid));
                 match (inferred, incoming) {
                     (Some(parent), _) => SpanIds {
                         trace_id: parent.trace_id,
@@ -254,7 +309,7 @@ impl SpanBuilder {
         let end_ns = end_ns.max(start_ns);
         let (attributes, status) =
             http_attrs::attributes(kind, &pending.request, outcome, pending.peer);
-        let clock = self.clock.unwrap_or_else(Clock::now);
+        let clock = self.clock();
         self.counters.spans += 1;
         FinishedSpan {
             trace_id: pending.ids.trace_id,
@@ -293,7 +348,7 @@ fn deactivate(
     }
 }
 
-fn root_ids() -> SpanIds {
+pub(super) fn root_ids() -> SpanIds {
     let mut trace_id = [0u8; 16];
     while trace_id == [0; 16] {
         rand::rng().fill(&mut trace_id);
@@ -306,7 +361,7 @@ fn root_ids() -> SpanIds {
     }
 }
 
-fn new_span_id() -> [u8; 8] {
+pub(super) fn new_span_id() -> [u8; 8] {
     let mut id = [0u8; 8];
     while id == [0; 8] {
         rand::rng().fill(&mut id);

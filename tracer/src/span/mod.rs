@@ -4,4 +4,5 @@ pub mod builder;
 pub mod clock;
 pub mod http_attrs;
 pub mod model;
+pub mod plugin;
 pub mod traceparent;

@@ -5,7 +5,10 @@ use std::{collections::HashMap, net::SocketAddr};
 use tracing::debug;
 
 use super::conn::{Conn, ConnKey, Flow, Role, infer_role};
-use crate::protocol::http1::{ChunkTs, Http1Event, Http1Message, StartLine};
+use crate::protocol::{
+    http1::{ChunkTs, Http1Event, Http1Message, StartLine},
+    stdio::StdioLine,
+};
 
 /// Connections tracked at once; beyond it the least recently active one is evicted.
 pub const MAX_CONNS: usize = 32768;
@@ -30,6 +33,13 @@ pub enum StreamEvent {
     /// Records of the connection were lost (ring buffer full): requests waiting for an
     /// answer end here, since their answer may be among the lost records.
     Lost { key: ConnKey, ts_ns: u64 },
+    /// A JSON line on a pipe (plugin stdio). `ingress`: the process read it.
+    Stdio {
+        key: ConnKey,
+        inode: u64,
+        ingress: bool,
+        line: Box<StdioLine>,
+    },
 }
 
 /// Counters of what the stream layer saw and gave up on.

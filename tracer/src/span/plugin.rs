@@ -1,0 +1,572 @@
+//! Plugin invocations over stdio as spans.
+//!
+//! The daemon writes a request line with a session id to a plugin's stdin; the plugin answers
+//! on its stdout with session events until `end`. Each side gets a span for the session: CLIENT
+//! in the process that wrote the request (the daemon), SERVER in the one that read it (the
+//! plugin), the SERVER a child of the CLIENT. A backwards invocation (the plugin asking the
+//! daemon to call Dify) is a CLIENT span of the plugin under its invocation.
+//!
+//! Only the session id correlates lines, and both ends see the same line (one writes it, the
+//! other reads it): which end a line belongs to follows from the direction the process moved
+//! it in, so no pipe needs to be paired with its other end.
+
+use std::{collections::HashMap, sync::Arc};
+
+use super::{
+    builder::{SpanIds, new_span_id, root_ids},
+    clock::Clock,
+    model::{AttrValue, FinishedSpan, ProcessResource, SpanKind, SpanStatus},
+};
+use crate::protocol::stdio::{BackwardsEvent, Kind, Request, SessionEvent, StdioLine};
+
+/// Open invocations (both sides) tracked at once.
+pub const MAX_OPEN_INVOCATIONS: usize = 65536;
+/// Open backwards invocations tracked at once.
+pub const MAX_OPEN_BACKWARDS: usize = 16384;
+/// An invocation with no line for this long is ended as abandoned.
+pub const INVOCATION_IDLE_NS: u64 = 30 * 60 * 1_000_000_000;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PluginCounters {
+    pub invocations: u64,
+    /// Session events whose session was not open in that process (started before the agent).
+    pub orphan_events: u64,
+    /// Invocations ended because their process exited (or the other side's did).
+    pub ended_by_exit: u64,
+    pub dropped_full: u64,
+    pub abandoned: u64,
+    /// Plugin-side invocations started from the daemon's request because the plugin's read
+    /// of it was not captured.
+    pub adopted: u64,
+    pub heartbeats: u64,
+    pub logs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Wrote the request: the daemon.
+    Client,
+    /// Read the request: the plugin.
+    Server,
+}
+
+struct Invocation {
+    ids: SpanIds,
+    side: Side,
+    session_id: String,
+    request: Request,
+    start_ns: u64,
+    last_ns: u64,
+    chunks: u64,
+    response_bytes: u64,
+    request_bytes: u64,
+    error: Option<(Option<String>, Option<String>)>,
+    partial: bool,
+    /// The process on the other end, once its side of the same session was seen.
+    peer_tgid: Option<u32>,
+}
+
+struct Backwards {
+    ids: SpanIds,
+    session_id: String,
+    request_id: String,
+    invoke_type: Option<String>,
+    start_ns: u64,
+    responses: u64,
+}
+
+/// Why a span ends without its `end` event.
+#[derive(Debug, Clone, Copy)]
+enum Abort {
+    ProcessExited,
+    PeerExited,
+    Idle,
+}
+
+impl Abort {
+    fn message(self) -> &'static str {
+        match self {
+            Abort::ProcessExited => "process exited before the session ended",
+            Abort::PeerExited => "plugin process exited before the session ended",
+            Abort::Idle => "no end of session seen",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct PluginSessions {
+    /// (tgid, session id) -> open invocation of that process.
+    open: HashMap<(u32, String), Invocation>,
+    /// (tgid, backwards request id) -> open backwards invocation of that plugin process.
+    backwards: HashMap<(u32, String), Backwards>,
+    pub counters: PluginCounters,
+}
+
+impl PluginSessions {
+    pub fn open_len(&self) -> usize {
+        self.open.len() + self.backwards.len()
+    }
+
+    /// The invocation a request made by `tgid` outside any thread context belongs to: the
+    /// latest open SERVER invocation of that plugin process. Plugin runtimes run each session
+    /// on a green thread of one OS thread, so a thread cannot tell sessions apart; with one
+    /// session at a time (the common case) this is exact.
+    pub fn context_for(&self, tgid: u32) -> Option<SpanIds> {
+        self.open
+            .iter()
+            .filter(|((t, _), inv)| *t == tgid && inv.side == Side::Server)
+            .max_by_key(|(_, inv)| inv.start_ns)
+            .map(|(_, inv)| inv.ids)
+    }
+
+    /// One JSON line moved by `tgid` (read when `ingress`). `thread_parent` is the span active
+    /// on the moving thread, if any (the daemon's inbound request).
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_line(
+        &mut self,
+        tgid: u32,
+        ingress: bool,
+        line: &StdioLine,
+        thread_parent: Option<SpanIds>,
+        clock: Clock,
+        resources: &mut dyn FnMut(u32) -> Arc<ProcessResource>,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        let session = line.message.session_id.clone();
+        match (&line.message.kind, session) {
+            (Kind::Request(request), Some(session)) => {
+                let side = if ingress { Side::Server } else { Side::Client };
+                self.start(tgid, side, session, request.clone(), line, thread_parent);
+            }
+            (Kind::Session(event), Some(session)) => {
+                // The plugin writes session events; the daemon reads them.
+                let side = if ingress { Side::Client } else { Side::Server };
+                self.session_event(tgid, side, &session, event, line, clock, resources, out);
+            }
+            (
+                Kind::BackwardsResponse {
+                    backwards_request_id: Some(id),
+                    event,
+                },
+                _,
+            ) if ingress => self.backwards_response(tgid, id, event, line, clock, resources, out),
+            (Kind::Heartbeat, _) => self.counters.heartbeats += 1,
+            (Kind::Log { .. }, _) => self.counters.logs += 1,
+            _ => {}
+        }
+    }
+
+    fn start(
+        &mut self,
+        tgid: u32,
+        side: Side,
+        session_id: String,
+        request: Request,
+        line: &StdioLine,
+        thread_parent: Option<SpanIds>,
+    ) {
+        if self.open.len() >= MAX_OPEN_INVOCATIONS {
+            self.counters.dropped_full += 1;
+            return;
+        }
+        // The other end of the same session, in another process.
+        let other = self
+            .open
+            .iter()
+            .find(|((t, s), inv)| *t != tgid && *s == session_id && inv.side != side)
+            .map(|((t, _), inv)| (*t, inv.ids));
+        let ids = match (side, other, thread_parent) {
+            (Side::Server, Some((_, client)), _) => child_of(&client),
+            (Side::Client, _, Some(parent)) => child_of(&parent),
+            _ => root_ids(),
+        };
+        let start_ns = match side {
+            // A client starts when it begins writing, a server once it has the request.
+            Side::Client => line.first.enter_ns,
+            Side::Server => line.last.exit_ns,
+        };
+        let invocation = Invocation {
+            ids,
+            side,
+            session_id: session_id.clone(),
+            request,
+            start_ns,
+            last_ns: line.last.exit_ns,
+            chunks: 0,
+            response_bytes: 0,
+            request_bytes: line.len,
+            error: None,
+            partial: line.holes,
+            peer_tgid: other.map(|(t, _)| t),
+        };
+        if let Some((peer, _)) = other
+            && let Some(peer_inv) = self.open.get_mut(&(peer, session_id.clone()))
+        {
+            peer_inv.peer_tgid = Some(tgid);
+            // Ring order across CPUs can put the plugin's read before the daemon's write: the
+            // server then started as a root and moves under the client now.
+            if side == Side::Client {
+                peer_inv.ids = child_of(&ids);
+            }
+        }
+        self.counters.invocations += 1;
+        self.open.insert((tgid, session_id), invocation);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn session_event(
+        &mut self,
+        tgid: u32,
+        side: Side,
+        session_id: &str,
+        event: &SessionEvent,
+        line: &StdioLine,
+        clock: Clock,
+        resources: &mut dyn FnMut(u32) -> Arc<ProcessResource>,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        let key = (tgid, session_id.to_string());
+        if side == Side::Server && !self.open.contains_key(&key) {
+            self.adopt_server_side(tgid, session_id);
+        }
+        let Some(inv) = self.open.get_mut(&key).filter(|inv| inv.side == side) else {
+            self.counters.orphan_events += 1;
+            return;
+        };
+        inv.last_ns = line.last.exit_ns;
+        inv.partial |= line.holes;
+        match event {
+            SessionEvent::Stream => {
+                inv.chunks += 1;
+                inv.response_bytes += line.len;
+            }
+            SessionEvent::Error {
+                error_type,
+                message,
+            } => inv.error = Some((error_type.clone(), message.clone())),
+            SessionEvent::Invoke {
+                invoke_type,
+                backwards_request_id,
+            } => {
+                if side == Side::Server
+                    && let Some(request_id) = backwards_request_id
+                    && self.backwards.len() < MAX_OPEN_BACKWARDS
+                {
+                    let backwards = Backwards {
+                        ids: child_of(&inv.ids),
+                        session_id: session_id.to_string(),
+                        request_id: request_id.clone(),
+                        invoke_type: invoke_type.clone(),
+                        start_ns: line.first.enter_ns,
+                        responses: 0,
+                    };
+                    self.backwards.insert((tgid, request_id.clone()), backwards);
+                }
+            }
+            SessionEvent::End => {
+                if let Some(inv) = self.open.remove(&key) {
+                    let end_ns = line.last.exit_ns;
+                    out.push(finish(inv, end_ns, None, clock, resources(tgid)));
+                }
+            }
+            SessionEvent::Other(_) => {}
+        }
+    }
+
+    /// The plugin answers a session whose request line it read without us seeing it (it sat
+    /// in the uncaptured middle of a large read, or its record was lost), while the daemon's
+    /// write of it was seen: the plugin's side starts as the daemon's did, marked partial.
+    fn adopt_server_side(&mut self, tgid: u32, session_id: &str) {
+        let Some(client) = self
+            .open
+            .iter()
+            .find(|((t, s), inv)| *t != tgid && s == session_id && inv.side == Side::Client)
+            .map(|((t, _), inv)| (*t, inv.ids, inv.request.clone(), inv.start_ns))
+        else {
+            return;
+        };
+        let (client_tgid, client_ids, request, start_ns) = client;
+        if self.open.len() >= MAX_OPEN_INVOCATIONS {
+            self.counters.dropped_full += 1;
+            return;
+        }
+        if let Some(c) = self.open.get_mut(&(client_tgid, session_id.to_string())) {
+            c.peer_tgid = Some(tgid);
+        }
+        self.counters.invocations += 1;
+        self.counters.adopted += 1;
+        self.open.insert(
+            (tgid, session_id.to_string()),
+            Invocation {
+                ids: child_of(&client_ids),
+                side: Side::Server,
+                session_id: session_id.to_string(),
+                request,
+                start_ns,
+                last_ns: start_ns,
+                chunks: 0,
+                response_bytes: 0,
+                request_bytes: 0,
+                error: None,
+                partial: true,
+                peer_tgid: Some(client_tgid),
+            },
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backwards_response(
+        &mut self,
+        tgid: u32,
+        request_id: &str,
+        event: &BackwardsEvent,
+        line: &StdioLine,
+        clock: Clock,
+        resources: &mut dyn FnMut(u32) -> Arc<ProcessResource>,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        let key = (tgid, request_id.to_string());
+        let error = match event {
+            BackwardsEvent::Response | BackwardsEvent::Other(_) => {
+                if let Some(b) = self.backwards.get_mut(&key) {
+                    b.responses += 1;
+                }
+                return;
+            }
+            BackwardsEvent::End => None,
+            BackwardsEvent::Error(message) => Some(
+                message
+                    .clone()
+                    .unwrap_or_else(|| "backwards invocation failed".into()),
+            ),
+        };
+        if let Some(b) = self.backwards.remove(&key) {
+            out.push(finish_backwards(
+                b,
+                line.last.exit_ns,
+                error,
+                clock,
+                resources(tgid),
+            ));
+        }
+    }
+
+    /// A process exited: its open invocations end in error, and so do the daemon-side
+    /// invocations whose plugin it was.
+    pub fn process_exited(
+        &mut self,
+        tgid: u32,
+        ts_ns: u64,
+        clock: Clock,
+        resources: &mut dyn FnMut(u32) -> Arc<ProcessResource>,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        let keys: Vec<(u32, String)> = self
+            .open
+            .iter()
+            .filter(|((t, _), inv)| *t == tgid || inv.peer_tgid == Some(tgid))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            if let Some(inv) = self.open.remove(&key) {
+                let abort = if key.0 == tgid {
+                    Abort::ProcessExited
+                } else {
+                    Abort::PeerExited
+                };
+                self.counters.ended_by_exit += 1;
+                out.push(finish(inv, ts_ns, Some(abort), clock, resources(key.0)));
+            }
+        }
+        let keys: Vec<(u32, String)> = self
+            .backwards
+            .keys()
+            .filter(|(t, _)| *t == tgid)
+            .cloned()
+            .collect();
+        for key in keys {
+            if let Some(b) = self.backwards.remove(&key) {
+                out.push(finish_backwards(
+                    b,
+                    ts_ns,
+                    Some(Abort::ProcessExited.message().into()),
+                    clock,
+                    resources(key.0),
+                ));
+            }
+        }
+    }
+
+    /// Ends invocations that saw no line for INVOCATION_IDLE_NS.
+    pub fn evict_idle(
+        &mut self,
+        now_ns: u64,
+        clock: Clock,
+        resources: &mut dyn FnMut(u32) -> Arc<ProcessResource>,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        let keys: Vec<(u32, String)> = self
+            .open
+            .iter()
+            .filter(|(_, inv)| now_ns.saturating_sub(inv.last_ns) > INVOCATION_IDLE_NS)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            if let Some(inv) = self.open.remove(&key) {
+                self.counters.abandoned += 1;
+                let end = inv.last_ns;
+                out.push(finish(inv, end, Some(Abort::Idle), clock, resources(key.0)));
+            }
+        }
+        self.backwards
+            .retain(|_, b| now_ns.saturating_sub(b.start_ns) <= INVOCATION_IDLE_NS);
+    }
+}
+
+fn child_of(parent: &SpanIds) -> SpanIds {
+    SpanIds {
+        trace_id: parent.trace_id,
+        span_id: new_span_id(),
+        parent_span_id: Some(parent.span_id),
+        parent_is_remote: false,
+    }
+}
+
+fn str_attr(attrs: &mut Vec<(String, AttrValue)>, key: &str, value: &Option<String>) {
+    if let Some(v) = value {
+        attrs.push((key.into(), AttrValue::Str(v.clone())));
+    }
+}
+
+fn finish(
+    inv: Invocation,
+    end_ns: u64,
+    abort: Option<Abort>,
+    clock: Clock,
+    resource: Arc<ProcessResource>,
+) -> FinishedSpan {
+    let action = inv.request.action.as_deref().unwrap_or("unknown");
+    let mut attributes = vec![
+        (
+            "dify.plugin.session_id".to_string(),
+            AttrValue::Str(inv.session_id.clone()),
+        ),
+        ("dify.plugin.action".into(), AttrValue::Str(action.into())),
+        (
+            "dify.plugin.chunks".into(),
+            AttrValue::Int(inv.chunks as i64),
+        ),
+        (
+            "dify.plugin.request_bytes".into(),
+            AttrValue::Int(inv.request_bytes as i64),
+        ),
+    ];
+    if inv.side == Side::Server {
+        attributes.push((
+            "dify.plugin.response_bytes".into(),
+            AttrValue::Int(inv.response_bytes as i64),
+        ));
+    }
+    str_attr(
+        &mut attributes,
+        "dify.plugin.type",
+        &inv.request.plugin_type,
+    );
+    str_attr(
+        &mut attributes,
+        "dify.plugin.provider",
+        &inv.request.provider,
+    );
+    str_attr(&mut attributes, "dify.plugin.tool", &inv.request.tool);
+    str_attr(&mut attributes, "gen_ai.request.model", &inv.request.model);
+    if inv.partial {
+        attributes.push(("difytrace.partial".into(), AttrValue::Bool(true)));
+    }
+    let status = match (&inv.error, abort) {
+        (Some((error_type, message)), _) => {
+            str_attr(&mut attributes, "error.type", error_type);
+            SpanStatus::Error(
+                message
+                    .clone()
+                    .unwrap_or_else(|| "plugin returned an error".into()),
+            )
+        }
+        (None, Some(abort)) => {
+            attributes.push((
+                "error.type".into(),
+                AttrValue::Str("difytrace.session_aborted".into()),
+            ));
+            SpanStatus::Error(abort.message().into())
+        }
+        (None, None) => SpanStatus::Unset,
+    };
+    FinishedSpan {
+        trace_id: inv.ids.trace_id,
+        span_id: inv.ids.span_id,
+        parent_span_id: inv.ids.parent_span_id,
+        parent_is_remote: inv.ids.parent_is_remote,
+        kind: match inv.side {
+            Side::Client => SpanKind::Client,
+            Side::Server => SpanKind::Server,
+        },
+        name: format!("plugin {action}"),
+        start: clock.to_system_time(inv.start_ns),
+        end: clock.to_system_time(end_ns.max(inv.start_ns)),
+        attributes,
+        links: Vec::new(),
+        status,
+        resource,
+    }
+}
+
+fn finish_backwards(
+    b: Backwards,
+    end_ns: u64,
+    error: Option<String>,
+    clock: Clock,
+    resource: Arc<ProcessResource>,
+) -> FinishedSpan {
+    let kind = b.invoke_type.as_deref().unwrap_or("unknown");
+    let mut attributes = vec![
+        (
+            "dify.plugin.session_id".to_string(),
+            AttrValue::Str(b.session_id),
+        ),
+        (
+            "dify.plugin.backwards_request_id".into(),
+            AttrValue::Str(b.request_id),
+        ),
+        (
+            "dify.plugin.backwards_type".into(),
+            AttrValue::Str(kind.into()),
+        ),
+        (
+            "dify.plugin.chunks".into(),
+            AttrValue::Int(b.responses as i64),
+        ),
+    ];
+    let status = match error {
+        Some(message) => {
+            attributes.push((
+                "error.type".into(),
+                AttrValue::Str("difytrace.backwards_error".into()),
+            ));
+            SpanStatus::Error(message)
+        }
+        None => SpanStatus::Unset,
+    };
+    FinishedSpan {
+        trace_id: b.ids.trace_id,
+        span_id: b.ids.span_id,
+        parent_span_id: b.ids.parent_span_id,
+        parent_is_remote: false,
+        kind: SpanKind::Client,
+        name: format!("plugin backwards_invoke {kind}"),
+        start: clock.to_system_time(b.start_ns),
+        end: clock.to_system_time(end_ns.max(b.start_ns)),
+        attributes,
+        links: Vec::new(),
+        status,
+        resource,
+    }
+}
