@@ -99,28 +99,70 @@ impl PluginFixture {
 
     /// Runs the daemon with `args` (after `-workdir`) until it exits, within `timeout`.
     pub fn run(&self, args: &[&str], timeout: Duration) -> Result<DaemonRun> {
+        self.start(args)?.wait(timeout)
+    }
+
+    /// Starts the daemon with `args` (after `-workdir`) and returns while it runs.
+    pub fn start(&self, args: &[&str]) -> Result<RunningDaemon> {
         let dir = TempDir::new("plugindaemon")?;
         let mut cmd = Command::new(&self.daemon_bin);
         cmd.arg("-workdir").arg(&self.workdir).args(args);
-        let mut proc = Proc::spawn(DAEMON_COMM, cmd, dir.path())?;
-        let daemon_pid = proc.pid();
-        let status = proc.wait_exit(timeout);
-        let (stdout, stderr) = (proc.stdout(), proc.stderr());
+        let proc = Proc::spawn(DAEMON_COMM, cmd, dir.path())?;
+        Ok(RunningDaemon {
+            proc,
+            _dir: dir,
+            kill_expected: args.contains(&"-kill-after"),
+        })
+    }
+}
+
+/// A daemon started by [`PluginFixture::start`].
+pub struct RunningDaemon {
+    proc: Proc,
+    _dir: TempDir,
+    kill_expected: bool,
+}
+
+impl RunningDaemon {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Waits until the daemon printed a line starting with `prefix`; returns that line.
+    pub fn wait_line(&self, prefix: &str, timeout: Duration) -> Result<String> {
+        crate::poll(timeout, Duration::from_millis(50), || {
+            self.proc
+                .stdout()
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .map(str::to_string)
+        })
+        .with_context(|| {
+            format!(
+                "plugin daemon printed no `{prefix}` line within {timeout:?}:\n{}",
+                self.proc.log_tail(40)
+            )
+        })
+    }
+
+    /// Waits for the daemon to exit and returns what it reported.
+    pub fn wait(mut self, timeout: Duration) -> Result<DaemonRun> {
+        let daemon_pid = self.proc.pid();
+        let status = self.proc.wait_exit(timeout);
+        let (stdout, stderr) = (self.proc.stdout(), self.proc.stderr());
         let Some(status) = status else {
-            proc.stop();
+            self.proc.stop();
             bail!("plugin daemon did not finish within {timeout:?}:\n{stdout}\n{stderr}");
         };
-        let sessions = parse_sessions(&stdout);
-        let plugin_pid = parse_plugin_pid(&stdout).unwrap_or(0);
-        // Exit code 3 is "-kill-after interrupted sessions", which is what such runs want.
+        // With -kill-after the daemon reports the sessions the kill interrupted (exit 3).
         ensure!(
-            status.success() || status.code() == Some(3) || args.contains(&"-kill-after"),
+            status.success() || self.kill_expected,
             "plugin daemon failed ({status}):\n{stdout}\n{stderr}"
         );
         Ok(DaemonRun {
-            plugin_pid,
+            plugin_pid: parse_plugin_pid(&stdout).unwrap_or(0),
             daemon_pid,
-            sessions,
+            sessions: parse_sessions(&stdout),
             stdout,
             stderr,
         })

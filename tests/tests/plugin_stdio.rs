@@ -121,6 +121,16 @@ fn check_pair(server: &ReceivedSpan, client: &ReceivedSpan, plugin_service: &str
         server.summary(),
         client.summary()
     );
+    // Both ends name the pipe the request crossed and the process at its other end.
+    ensure!(
+        server.attr_int("difytrace.pipe.inode").is_some()
+            && server.attr_int("difytrace.pipe.inode") == client.attr_int("difytrace.pipe.inode")
+            && server.attr_int("difytrace.peer.pid") == client.pid().map(i64::from)
+            && client.attr_int("difytrace.peer.pid") == server.pid().map(i64::from),
+        "pipe inode / peer pids:\n  {}\n  {}",
+        server.summary(),
+        client.summary()
+    );
     // The plugin's side lies within the daemon's (same clock, both from the kernel).
     ensure!(
         server.start_ns >= client.start_ns && server.end_ns <= client.end_ns + 1_000_000,
@@ -426,6 +436,102 @@ fn backwards_invocations_are_children_of_the_invocation() -> Result<()> {
                 && b.status_code != STATUS_ERROR,
             "backwards span: {}",
             b.summary()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn daemon_http_request_is_the_parent_of_its_plugin_invocation() -> Result<()> {
+    let Some(s) = setup("daemon_http_request_is_the_parent_of_its_plugin_invocation")? else {
+        return Ok(());
+    };
+    const REQUESTS: usize = 5;
+    let port = difytrace_tests::procs::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let daemon = s.fixture.start(&[
+        "-mode",
+        "echo",
+        "-sessions",
+        &REQUESTS.to_string(),
+        "-listen",
+        &listen,
+    ])?;
+    daemon.wait_line("listening on", WAIT)?;
+    let addr = difytrace_tests::procs::local(port);
+    let path = "/plugin/tenant-1/dispatch/tool/invoke";
+    let mut sent = BTreeSet::new();
+    for _ in 0..REQUESTS {
+        let r = difytrace_tests::procs::http_request(
+            addr,
+            "POST",
+            path,
+            &[
+                ("Content-Type", "application/json"),
+                ("X-Api-Key", "dummy-inner-key"),
+            ],
+            br#"{"user_id":"u","data":{"provider":"echo_tool","tool":"echo"}}"#,
+        )?;
+        ensure!(
+            r.status == 200 && r.text().contains("\"code\":0"),
+            "dispatch answer: {r:?}"
+        );
+        sent.insert(
+            r.header("x-session-id")
+                .context("X-Session-Id")?
+                .to_string(),
+        );
+    }
+    let run = daemon.wait(RUN_TIMEOUT)?;
+    let sessions: BTreeSet<String> = run.sessions.iter().map(|r| r.id.clone()).collect();
+    ensure!(sessions == sent, "daemon output:\n{}", run.stdout);
+    let daemon_pid = run.daemon_pid;
+    let spans =
+        s.rx.wait_for(
+            |sp| {
+                all_pairs_complete(sp, &sessions)
+                    && sp
+                        .iter()
+                        .filter(|x| {
+                            x.is_server()
+                                && x.pid() == Some(daemon_pid)
+                                && x.attr_str("url.path").as_deref() == Some(path)
+                        })
+                        .count()
+                        == REQUESTS
+            },
+            WAIT,
+        )
+        .map_err(|e| s.agent.annotate(e))?;
+    let pairs = invocation_pairs(&spans, &sessions);
+    for (id, (server, client)) in &pairs {
+        let (server, client) = (
+            server.as_ref().context("server")?,
+            client.as_ref().context("client")?,
+        );
+        check_pair(server, client, &s.fixture.plugin_service()).with_context(|| id.clone())?;
+        // The daemon's goroutine reads the request and writes it to the plugin without
+        // blocking in between, so the thread that received it is the one that wrote the line.
+        let http = spans
+            .iter()
+            .find(|x| x.span_id == client.parent_span_id)
+            .with_context(|| {
+                format!("parent of {}:\n{}", client.summary(), summarize(&spans, 40))
+            })?;
+        ensure!(
+            http.is_server()
+                && http.pid() == Some(daemon_pid)
+                && http.attr_str("url.path").as_deref() == Some(path)
+                && http.trace_id == client.trace_id
+                && !http.mentions("dummy-inner-key"),
+            "invocation parent is not the dispatch request: {}",
+            http.summary()
+        );
+        ensure!(
+            client.start_ns >= http.start_ns && client.end_ns <= http.end_ns,
+            "invocation not within the dispatch request:\n  {}\n  {}",
+            client.summary(),
+            http.summary()
         );
     }
     Ok(())

@@ -115,7 +115,10 @@ impl SpanBuilder {
                 self.on_closed(key, ts_ns, Outcome::CaptureLost, resources, out)
             }
             StreamEvent::Stdio {
-                key, ingress, line, ..
+                key,
+                inode,
+                ingress,
+                line,
             } => {
                 let thread_parent = self
                     .active
@@ -125,6 +128,7 @@ impl SpanBuilder {
                 let clock = self.clock();
                 self.plugins.on_line(
                     key.tgid,
+                    inode,
                     ingress,
                     &line,
                     thread_parent,

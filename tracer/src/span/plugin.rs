@@ -64,6 +64,8 @@ struct Invocation {
     partial: bool,
     /// The process on the other end, once its side of the same session was seen.
     peer_tgid: Option<u32>,
+    /// Inode of the pipe the request line crossed (both ends share it); 0 when unknown.
+    pipe_inode: u64,
 }
 
 struct Backwards {
@@ -73,6 +75,9 @@ struct Backwards {
     invoke_type: Option<String>,
     start_ns: u64,
     responses: u64,
+    /// When the last answer arrived (the SDK stops reading after the answers it needs, so
+    /// the daemon's `end` may never be read when the session ends first).
+    last_response_ns: u64,
 }
 
 /// Why a span ends without its `end` event.
@@ -125,6 +130,7 @@ impl PluginSessions {
     pub fn on_line(
         &mut self,
         tgid: u32,
+        inode: u64,
         ingress: bool,
         line: &StdioLine,
         thread_parent: Option<SpanIds>,
@@ -136,7 +142,15 @@ impl PluginSessions {
         match (&line.message.kind, session) {
             (Kind::Request(request), Some(session)) => {
                 let side = if ingress { Side::Server } else { Side::Client };
-                self.start(tgid, side, session, request.clone(), line, thread_parent);
+                self.start(
+                    tgid,
+                    side,
+                    session,
+                    request.clone(),
+                    line,
+                    inode,
+                    thread_parent,
+                );
             }
             (Kind::Session(event), Some(session)) => {
                 // The plugin writes session events; the daemon reads them.
@@ -156,6 +170,7 @@ impl PluginSessions {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start(
         &mut self,
         tgid: u32,
@@ -163,6 +178,7 @@ impl PluginSessions {
         session_id: String,
         request: Request,
         line: &StdioLine,
+        pipe_inode: u64,
         thread_parent: Option<SpanIds>,
     ) {
         if self.open.len() >= MAX_OPEN_INVOCATIONS {
@@ -198,6 +214,7 @@ impl PluginSessions {
             error: None,
             partial: line.holes,
             peer_tgid: other.map(|(t, _)| t),
+            pipe_inode,
         };
         if let Some((peer, _)) = other
             && let Some(peer_inv) = self.open.get_mut(&(peer, session_id.clone()))
@@ -259,6 +276,7 @@ impl PluginSessions {
                         invoke_type: invoke_type.clone(),
                         start_ns: line.first.enter_ns,
                         responses: 0,
+                        last_response_ns: 0,
                     };
                     self.backwards.insert((tgid, request_id.clone()), backwards);
                 }
@@ -267,6 +285,16 @@ impl PluginSessions {
                 if let Some(inv) = self.open.remove(&key) {
                     let end_ns = line.last.exit_ns;
                     out.push(finish(inv, end_ns, None, clock, resources(tgid)));
+                }
+                if side == Side::Server {
+                    self.end_backwards_of(
+                        tgid,
+                        session_id,
+                        line.last.exit_ns,
+                        clock,
+                        resources,
+                        out,
+                    );
                 }
             }
             SessionEvent::Other(_) => {}
@@ -281,11 +309,19 @@ impl PluginSessions {
             .open
             .iter()
             .find(|((t, s), inv)| *t != tgid && s == session_id && inv.side == Side::Client)
-            .map(|((t, _), inv)| (*t, inv.ids, inv.request.clone(), inv.start_ns))
+            .map(|((t, _), inv)| {
+                (
+                    *t,
+                    inv.ids,
+                    inv.request.clone(),
+                    inv.start_ns,
+                    inv.pipe_inode,
+                )
+            })
         else {
             return;
         };
-        let (client_tgid, client_ids, request, start_ns) = client;
+        let (client_tgid, client_ids, request, start_ns, pipe_inode) = client;
         if self.open.len() >= MAX_OPEN_INVOCATIONS {
             self.counters.dropped_full += 1;
             return;
@@ -310,6 +346,7 @@ impl PluginSessions {
                 error: None,
                 partial: true,
                 peer_tgid: Some(client_tgid),
+                pipe_inode,
             },
         );
     }
@@ -330,6 +367,7 @@ impl PluginSessions {
             BackwardsEvent::Response | BackwardsEvent::Other(_) => {
                 if let Some(b) = self.backwards.get_mut(&key) {
                     b.responses += 1;
+                    b.last_response_ns = line.last.exit_ns;
                 }
                 return;
             }
@@ -348,6 +386,38 @@ impl PluginSessions {
                 clock,
                 resources(tgid),
             ));
+        }
+    }
+
+    /// The session ended with backwards invocations still open: answered ones end at their
+    /// last answer, unanswered ones in error.
+    fn end_backwards_of(
+        &mut self,
+        tgid: u32,
+        session_id: &str,
+        ts_ns: u64,
+        clock: Clock,
+        resources: &mut dyn FnMut(u32) -> Arc<ProcessResource>,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        let keys: Vec<(u32, String)> = self
+            .backwards
+            .iter()
+            .filter(|((t, _), b)| *t == tgid && b.session_id == session_id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            if let Some(b) = self.backwards.remove(&key) {
+                let (end, error) = if b.responses > 0 {
+                    (b.last_response_ns, None)
+                } else {
+                    (
+                        ts_ns,
+                        Some("session ended before the backwards invocation was answered".into()),
+                    )
+                };
+                out.push(finish_backwards(b, end, error, clock, resources(tgid)));
+            }
         }
     }
 
@@ -482,6 +552,15 @@ fn finish(
     if inv.partial {
         attributes.push(("difytrace.partial".into(), AttrValue::Bool(true)));
     }
+    if inv.pipe_inode != 0 {
+        attributes.push((
+            "difytrace.pipe.inode".into(),
+            AttrValue::Int(inv.pipe_inode as i64),
+        ));
+    }
+    if let Some(peer) = inv.peer_tgid {
+        attributes.push(("difytrace.peer.pid".into(), AttrValue::Int(i64::from(peer))));
+    }
     let status = match (&inv.error, abort) {
         (Some((error_type, message)), _) => {
             str_attr(&mut attributes, "error.type", error_type);
@@ -568,5 +647,223 @@ fn finish_backwards(
         links: Vec::new(),
         status,
         resource,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{
+        http1::ChunkTs,
+        stdio::{StdioLine, classify},
+    };
+
+    const DAEMON: u32 = 100;
+    const PLUGIN: u32 = 200;
+
+    fn line(json: &str, t: u64) -> StdioLine {
+        StdioLine {
+            message: classify(json.as_bytes()),
+            len: json.len() as u64,
+            holes: false,
+            overlong: false,
+            first: ChunkTs {
+                enter_ns: t,
+                exit_ns: t + 1,
+            },
+            last: ChunkTs {
+                enter_ns: t,
+                exit_ns: t + 1,
+            },
+            tid: 1,
+        }
+    }
+
+    fn request(s: &str) -> String {
+        format!(
+            r#"{{"session_id":"{s}","event":"request","data":{{"action":"invoke_tool","type":"tool","tool":"echo"}}}}"#
+        )
+    }
+
+    fn session(s: &str, kind: &str, data: &str) -> String {
+        format!(
+            r#"{{"event":"session","session_id":"{s}","data":{{"type":"{kind}","data":{data}}}}}"#
+        )
+    }
+
+    struct Run {
+        sessions: PluginSessions,
+        out: Vec<FinishedSpan>,
+    }
+
+    impl Run {
+        fn new() -> Self {
+            Self {
+                sessions: PluginSessions::default(),
+                out: Vec::new(),
+            }
+        }
+
+        fn feed(&mut self, tgid: u32, ingress: bool, json: &str, t: u64) {
+            let mut res = |pid: u32| {
+                Arc::new(ProcessResource {
+                    service_name: format!("svc-{pid}"),
+                    pid,
+                    executable_name: "x".into(),
+                    host_name: "h".into(),
+                })
+            };
+            self.sessions.on_line(
+                tgid,
+                7,
+                ingress,
+                &line(json, t),
+                None,
+                Clock::now(),
+                &mut res,
+                &mut self.out,
+            );
+        }
+
+        fn exit(&mut self, tgid: u32, t: u64) {
+            let mut res = |pid: u32| {
+                Arc::new(ProcessResource {
+                    service_name: format!("svc-{pid}"),
+                    pid,
+                    executable_name: "x".into(),
+                    host_name: "h".into(),
+                })
+            };
+            self.sessions
+                .process_exited(tgid, t, Clock::now(), &mut res, &mut self.out);
+        }
+
+        fn span(&self, pid: u32, kind: SpanKind) -> &FinishedSpan {
+            self.out
+                .iter()
+                .find(|s| s.resource.pid == pid && s.kind == kind)
+                .unwrap_or_else(|| panic!("no {kind:?} span of {pid}: {:?}", self.out))
+        }
+    }
+
+    #[test]
+    fn both_sides_of_a_session_link_even_when_the_read_comes_first() {
+        let mut r = Run::new();
+        // The plugin's read reached the ring before the daemon's write.
+        r.feed(PLUGIN, true, &request("s1"), 10);
+        r.feed(DAEMON, false, &request("s1"), 9);
+        r.feed(PLUGIN, false, &session("s1", "stream", "{}"), 20);
+        r.feed(DAEMON, true, &session("s1", "stream", "{}"), 21);
+        r.feed(PLUGIN, false, &session("s1", "end", "{}"), 30);
+        r.feed(DAEMON, true, &session("s1", "end", "{}"), 31);
+        let server = r.span(PLUGIN, SpanKind::Server);
+        let client = r.span(DAEMON, SpanKind::Client);
+        assert_eq!(server.trace_id, client.trace_id);
+        assert_eq!(server.parent_span_id, Some(client.span_id));
+        assert_eq!(server.name, "plugin invoke_tool");
+        assert_eq!(server.attr("dify.plugin.chunks"), Some(&AttrValue::Int(1)));
+        assert_eq!(
+            server.attr("difytrace.peer.pid"),
+            Some(&AttrValue::Int(100))
+        );
+        assert_eq!(r.sessions.open_len(), 0);
+    }
+
+    #[test]
+    fn an_unseen_request_is_adopted_from_the_daemon_side() {
+        let mut r = Run::new();
+        r.feed(DAEMON, false, &request("s2"), 5);
+        r.feed(PLUGIN, false, &session("s2", "end", "{}"), 50);
+        let server = r.span(PLUGIN, SpanKind::Server);
+        assert_eq!(
+            server.attr("difytrace.partial"),
+            Some(&AttrValue::Bool(true))
+        );
+        assert_eq!(r.sessions.counters.adopted, 1);
+    }
+
+    #[test]
+    fn errors_exits_and_backwards_invocations() {
+        let mut r = Run::new();
+        r.feed(DAEMON, false, &request("e"), 1);
+        r.feed(PLUGIN, true, &request("e"), 2);
+        r.feed(
+            PLUGIN,
+            false,
+            &session("e", "error", r#"{"error_type":"X","message":"bad"}"#),
+            3,
+        );
+        r.feed(PLUGIN, false, &session("e", "end", "{}"), 4);
+        let server = r.span(PLUGIN, SpanKind::Server);
+        assert_eq!(server.status, SpanStatus::Error("bad".into()));
+        assert_eq!(server.attr("error.type"), Some(&AttrValue::Str("X".into())));
+
+        let mut r = Run::new();
+        r.feed(DAEMON, false, &request("k"), 1);
+        r.feed(PLUGIN, true, &request("k"), 2);
+        r.feed(
+            PLUGIN,
+            false,
+            &session(
+                "k",
+                "invoke",
+                r#"{"type":"storage","backwards_request_id":"b1","request":{}}"#,
+            ),
+            3,
+        );
+        r.feed(
+            PLUGIN,
+            true,
+            r#"{"session_id":"k","event":"backwards_response","data":{"backwards_request_id":"b1","event":"end","message":"","data":null}}"#,
+            4,
+        );
+        let backwards = r
+            .out
+            .iter()
+            .find(|s| s.name == "plugin backwards_invoke storage")
+            .expect("backwards span")
+            .clone();
+        assert_eq!(backwards.kind, SpanKind::Client);
+        r.exit(PLUGIN, 10);
+        let server = r.span(PLUGIN, SpanKind::Server);
+        let client = r.span(DAEMON, SpanKind::Client);
+        assert_eq!(backwards.parent_span_id, Some(server.span_id));
+        assert!(matches!(server.status, SpanStatus::Error(_)));
+        assert!(matches!(client.status, SpanStatus::Error(_)));
+        assert_eq!(r.sessions.open_len(), 0);
+    }
+
+    #[test]
+    fn a_backwards_invocation_answered_but_not_ended_closes_with_its_session() {
+        let mut r = Run::new();
+        r.feed(DAEMON, false, &request("q"), 1);
+        r.feed(PLUGIN, true, &request("q"), 2);
+        let invoke = session(
+            "q",
+            "invoke",
+            r#"{"type":"storage","backwards_request_id":"b9","request":{}}"#,
+        );
+        r.feed(PLUGIN, false, &invoke, 3);
+        r.feed(
+            PLUGIN,
+            true,
+            r#"{"session_id":"q","event":"backwards_response","data":{"backwards_request_id":"b9","event":"response","message":"struct","data":{"data":"ok"}}}"#,
+            4,
+        );
+        // The tool took its answer and finished; the daemon's `end` comes later, or never.
+        r.feed(PLUGIN, false, &session("q", "end", "{}"), 6);
+        r.feed(DAEMON, true, &session("q", "end", "{}"), 7);
+        let b = r
+            .out
+            .iter()
+            .find(|s| s.name == "plugin backwards_invoke storage")
+            .expect("backwards span");
+        assert_eq!(b.status, SpanStatus::Unset);
+        // It ends at its answer (exit 5), not at the session's end.
+        assert_eq!(
+            b.end.duration_since(b.start).ok(),
+            Some(std::time::Duration::from_nanos(2))
+        );
+        assert_eq!(r.sessions.open_len(), 0);
     }
 }
