@@ -6,7 +6,7 @@
 pub const MAX_CAPTURE: usize = 4096;
 /// Iovecs of one readv/writev/sendmsg/recvmsg that are copied; bytes beyond them are
 /// reported as a gap so byte counts stay exact.
-pub const MAX_IOVECS: usize = 8;
+pub const MAX_IOVECS: usize = 32;
 /// Capacity of the watched-process map.
 pub const MAX_WATCHED: u32 = 16384;
 /// Capacity of the socket map (tgid, fd) -> connection.
@@ -59,6 +59,16 @@ pub mod role {
     /// Followed fd whose bytes user space does not want (e.g. a pipe that carries no JSON
     /// lines): the entry stays so the fd is not classified again, but nothing is copied.
     pub const IGNORED: u8 = 4;
+}
+
+/// Bits of the kernel side's FEATURES load-time setting.
+pub mod feature {
+    /// Kernel offsets for the fd-table walk are known.
+    pub const FD_WALK: u32 = 1;
+    /// Pipes are followed (needs FD_WALK).
+    pub const FOLLOW_PIPES: u32 = 2;
+    /// Sockets' local addresses are read at accept/connect (needs FD_WALK).
+    pub const SOCK_LOCAL: u32 = 4;
 }
 
 /// Indexes into the per-CPU drop counter array.
@@ -140,6 +150,9 @@ pub struct ConnEvent {
     pub ts_ns: u64,
     pub cgroup_id: u64,
     pub peer: SockAddr,
+    /// Local address of a socket (accept/connect), read from the kernel's socket; family 0
+    /// when unknown. With `peer` it names the connection across processes.
+    pub local: SockAddr,
     /// Inode number of a pipe (its two ends share it); 0 for sockets.
     pub inode: u64,
     /// Command name of the process: short-lived clients are often gone before user space

@@ -51,6 +51,10 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     };
     if child > 0 {
         let _ = WATCHED.insert(&(child as u32), &1, 0);
+        // A child that forks without exec and is gone before user space reads /proc (a
+        // recycled worker) is still named: after its parent.
+        let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+        emit_proc(kind::FORK, child as u32, parent, wakeup_flags());
     }
     0
 }

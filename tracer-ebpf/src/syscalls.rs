@@ -24,7 +24,7 @@ use tracer_common::{
 
 use crate::util::{
     EVENTS, FdWalk, INFLIGHT, Inflight, OTHER_FDS, SCRATCH, SOCKETS, bump, current_if_watched,
-    fd_walk, wakeup_flags,
+    fd_walk, follow_pipes, sock_walk, wakeup_flags,
 };
 
 /// What the saved pointer of an in-flight syscall points at.
@@ -129,7 +129,7 @@ fn is_followed(id: u64, tgid: u32, fd: i32, may_be_pipe: bool) -> bool {
     if let Some(info) = unsafe { SOCKETS.get(&key) } {
         return info.role != role::IGNORED;
     }
-    if !may_be_pipe {
+    if !may_be_pipe || !follow_pipes() {
         return false;
     }
     let Some(walk) = fd_walk() else {
@@ -166,10 +166,9 @@ fn read_kernel<T: Copy>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
-/// (i_mode, i_ino) of the inode behind `fd` of the current task:
-/// current->files->fdt->fd[fd]->f_inode.
+/// The `struct file` behind `fd` of the current task: current->files->fdt->fd[fd].
 #[inline(always)]
-fn fd_inode(walk: &FdWalk, fd: i32) -> Option<(u16, u64)> {
+fn fd_file(walk: &FdWalk, fd: i32) -> Option<u64> {
     if fd < 0 {
         return None;
     }
@@ -182,11 +181,54 @@ fn fd_inode(walk: &FdWalk, fd: i32) -> Option<(u16, u64)> {
         return None;
     }
     let fds: u64 = read_kernel(fdt + walk.fdt_fd)?;
-    let file: u64 = read_kernel(fds + 8 * fd as u64)?;
+    read_kernel(fds + 8 * fd as u64)
+}
+
+/// (i_mode, i_ino) of the inode behind `fd` of the current task.
+#[inline(always)]
+fn fd_inode(walk: &FdWalk, fd: i32) -> Option<(u16, u64)> {
+    let file = fd_file(walk, fd)?;
     let inode: u64 = read_kernel(file + walk.file_inode)?;
     let mode: u16 = read_kernel(inode + walk.inode_mode)?;
     let ino: u64 = read_kernel(inode + walk.inode_ino)?;
     Some((mode, ino))
+}
+
+/// Local address of the socket behind `fd`: file->private_data (struct socket) ->sk, whose
+/// struct sock_common holds family, local port and address.
+#[inline(always)]
+fn sock_local(fd: i32, out: &mut SockAddr) {
+    let (Some(walk), Some(sw)) = (fd_walk(), sock_walk()) else {
+        return;
+    };
+    let Some(file) = fd_file(&walk, fd) else {
+        return;
+    };
+    let Some(socket) = read_kernel::<u64>(file + sw.file_private) else {
+        return;
+    };
+    let Some(sk) = read_kernel::<u64>(socket + sw.socket_sk) else {
+        return;
+    };
+    let family: u16 = read_kernel(sk + sw.skc_family).unwrap_or(0);
+    if family == AF_INET {
+        if let Some(v4) = read_kernel::<[u8; 4]>(sk + sw.skc_rcv_saddr) {
+            out.addr[10] = 0xff;
+            out.addr[11] = 0xff;
+            out.addr[12] = v4[0];
+            out.addr[13] = v4[1];
+            out.addr[14] = v4[2];
+            out.addr[15] = v4[3];
+            out.family = family;
+        }
+    } else if family == AF_INET6
+        && let Some(v6) = read_kernel::<[u8; 16]>(sk + sw.skc_v6_rcv_saddr)
+    {
+        out.addr = v6;
+        out.family = family;
+    }
+    // skc_num is in host byte order already.
+    out.port = read_kernel(sk + sw.skc_num).unwrap_or(0);
 }
 
 #[inline(always)]
@@ -210,6 +252,7 @@ fn track_pipe(id: u64, fd: i32, ino: u64) {
         fd,
         conn_id,
         SockAddr::default(),
+        false,
         ino,
     );
 }
@@ -461,6 +504,7 @@ fn read_sockaddr(ptr: u64) -> SockAddr {
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn emit_conn(
     event_kind: u8,
     sock_role: u8,
@@ -468,27 +512,38 @@ fn emit_conn(
     fd: i32,
     conn_id: u64,
     peer: SockAddr,
+    local_of_fd: bool,
     inode: u64,
 ) {
-    let event = ConnEvent {
-        kind: event_kind,
-        role: sock_role,
-        _pad: [0; 2],
-        fd,
-        tgid: (id >> 32) as u32,
-        tid: id as u32,
-        conn_id,
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        peer,
-        inode,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    };
-    if EVENTS.output(&event, wakeup_flags()).is_err() {
+    // Written in place in the ring: a ConnEvent on the stack of sys_exit, with the records
+    // the syscall paths already keep there, goes over the 512-byte BPF stack.
+    let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
         bump(counter::CONTROL_RESERVE_FAILED);
-    } else {
-        bump(counter::CONTROL_EVENTS);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, exclusively owned ConnEvent-sized slot; every field
+    // is written before it is submitted.
+    unsafe {
+        (*ev).kind = event_kind;
+        (*ev).role = sock_role;
+        (*ev)._pad = [0; 2];
+        (*ev).fd = fd;
+        (*ev).tgid = (id >> 32) as u32;
+        (*ev).tid = id as u32;
+        (*ev).conn_id = conn_id;
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).cgroup_id = bpf_get_current_cgroup_id();
+        (*ev).peer = peer;
+        (*ev).local = SockAddr::default();
+        if local_of_fd {
+            sock_local(fd, &mut (*ev).local);
+        }
+        (*ev).inode = inode;
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
     }
+    entry.submit(wakeup_flags());
+    bump(counter::CONTROL_EVENTS);
 }
 
 #[inline(always)]
@@ -505,7 +560,7 @@ fn track(id: u64, fd: i32, sock_role: u8, event_kind: u8, peer: SockAddr) {
         bump(counter::SOCKET_MAP_FULL);
         return;
     }
-    emit_conn(event_kind, sock_role, id, fd, conn_id, peer, 0);
+    emit_conn(event_kind, sock_role, id, fd, conn_id, peer, true, 0);
 }
 
 #[inline(always)]
@@ -590,6 +645,7 @@ fn enter_close(regs: u64, fd_arg: usize) {
         fd,
         info.conn_id,
         SockAddr::default(),
+        false,
         0,
     );
 }

@@ -28,9 +28,24 @@ static FORK_CHILD_PID_OFFSET: u32 = 20;
 
 /// Kernel struct offsets for the fd walk (task_struct.files, files_struct.fdt, fdtable.max_fds,
 /// fdtable.fd, file.f_inode, inode.i_mode, inode.i_ino), read from BTF by user space.
-/// FOLLOW_PIPES stays 0 when they could not be found, and pipes are then not followed.
+/// What of it may be used is in FEATURES (`tracer_common::feature`): the offsets that could
+/// not be found turn their feature off, and the user may turn pipes off.
 #[unsafe(no_mangle)]
-static FOLLOW_PIPES: u8 = 0;
+static FEATURES: u32 = 0;
+/// Offsets from a file to its socket's local address (file.private_data, socket.sk, and in
+/// struct sock_common skc_family, skc_num, skc_rcv_saddr, skc_v6_rcv_saddr).
+#[unsafe(no_mangle)]
+static OFF_FILE_PRIVATE: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SOCKET_SK: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKC_FAMILY: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKC_NUM: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKC_RCV_SADDR: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKC_V6_RCV_SADDR: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_TASK_FILES: u32 = 0;
 #[unsafe(no_mangle)]
@@ -58,12 +73,53 @@ pub struct FdWalk {
     pub inode_ino: u64,
 }
 
-/// The fd-walk offsets, or None when pipes are not followed.
+/// Offsets from a socket's file to its local address.
+#[derive(Clone, Copy)]
+pub struct SockWalk {
+    pub file_private: u64,
+    pub socket_sk: u64,
+    pub skc_family: u64,
+    pub skc_num: u64,
+    pub skc_rcv_saddr: u64,
+    pub skc_v6_rcv_saddr: u64,
+}
+
+#[inline(always)]
+fn feature(bit: u32) -> bool {
+    // SAFETY: read of a load-time constant; volatile so the compiler keeps the load.
+    unsafe { core::ptr::read_volatile(&FEATURES) & bit != 0 }
+}
+
+#[inline(always)]
+pub fn follow_pipes() -> bool {
+    feature(tracer_common::feature::FOLLOW_PIPES)
+}
+
+/// The socket-address offsets, or None when unknown.
+#[inline(always)]
+pub fn sock_walk() -> Option<SockWalk> {
+    // SAFETY: reads of load-time constants; volatile so the compiler keeps the loads.
+    unsafe {
+        if !feature(tracer_common::feature::SOCK_LOCAL) {
+            return None;
+        }
+        Some(SockWalk {
+            file_private: core::ptr::read_volatile(&OFF_FILE_PRIVATE) as u64,
+            socket_sk: core::ptr::read_volatile(&OFF_SOCKET_SK) as u64,
+            skc_family: core::ptr::read_volatile(&OFF_SKC_FAMILY) as u64,
+            skc_num: core::ptr::read_volatile(&OFF_SKC_NUM) as u64,
+            skc_rcv_saddr: core::ptr::read_volatile(&OFF_SKC_RCV_SADDR) as u64,
+            skc_v6_rcv_saddr: core::ptr::read_volatile(&OFF_SKC_V6_RCV_SADDR) as u64,
+        })
+    }
+}
+
+/// The fd-walk offsets, or None when they are unknown.
 #[inline(always)]
 pub fn fd_walk() -> Option<FdWalk> {
     // SAFETY: reads of load-time constants; volatile so the compiler keeps the loads.
     unsafe {
-        if core::ptr::read_volatile(&FOLLOW_PIPES) == 0 {
+        if !feature(tracer_common::feature::FD_WALK) {
             return None;
         }
         Some(FdWalk {

@@ -49,7 +49,14 @@ pub struct ProcessCache {
     rules: Vec<naming::NameRule>,
     host_name: String,
     known: HashMap<u32, Arc<ProcessResource>>,
+    /// child -> parent of recent forks (threads included: the kernel reports both), oldest
+    /// first in `fork_order`; bounded by MAX_FORKS.
+    forks: HashMap<u32, u32>,
+    fork_order: std::collections::VecDeque<u32>,
 }
+
+/// Forks remembered for naming children that are gone before they were named.
+const MAX_FORKS: usize = 16384;
 
 impl ProcessCache {
     pub fn new(rules: Vec<naming::NameRule>) -> Self {
@@ -57,7 +64,31 @@ impl ProcessCache {
             rules,
             host_name: host_name(),
             known: HashMap::new(),
+            forks: HashMap::new(),
+            fork_order: std::collections::VecDeque::new(),
         }
+    }
+
+    fn note_fork(&mut self, child: u32, parent: u32) {
+        if self.forks.insert(child, parent).is_none() {
+            self.fork_order.push_back(child);
+        }
+        while self.fork_order.len() > MAX_FORKS {
+            if let Some(old) = self.fork_order.pop_front() {
+                self.forks.remove(&old);
+            }
+        }
+    }
+
+    /// The resource of a process that is gone, from its parent's when it was forked while
+    /// we watched (a fork without exec keeps its parent's executable and command line).
+    fn inherited(&self, tgid: u32) -> Option<Arc<ProcessResource>> {
+        let parent = self.forks.get(&tgid)?;
+        let parent = self.known.get(parent)?;
+        Some(Arc::new(ProcessResource {
+            pid: tgid,
+            ..(**parent).clone()
+        }))
     }
 
     fn ensure(&mut self, tgid: u32) {
@@ -73,7 +104,13 @@ impl ProcessCache {
     }
 
     fn read(&self, tgid: u32, comm: Option<&str>) -> Arc<ProcessResource> {
-        let facts = procfs::read_process(tgid).unwrap_or_else(|| procfs::ProcFacts {
+        let facts = procfs::read_process(tgid);
+        if facts.is_none()
+            && let Some(resource) = self.inherited(tgid)
+        {
+            return resource;
+        }
+        let facts = facts.unwrap_or_else(|| procfs::ProcFacts {
             tgid,
             comm: comm
                 .filter(|c| !c.is_empty())
@@ -241,6 +278,7 @@ impl Agent {
                 }
                 self.conns
                     .open(key, conn_role, peer, conn.ts_ns, &mut self.stream_events);
+                self.conns.set_local(key, event::socket_addr(&conn.local));
             }
             kind::PIPE => {
                 let comm = event::comm_str(&conn.comm);
@@ -272,6 +310,9 @@ impl Agent {
                     self.probes.watch(facts.tgid);
                 }
             }
+            kind::FORK => self
+                .procs
+                .note_fork(proc_event.tgid, proc_event.parent_tgid),
             kind::EXIT => {
                 let fds =
                     self.conns
@@ -353,7 +394,7 @@ impl Agent {
         let p = &self.pipes.counters;
         let inv = &self.builder.plugins.counters;
         info!(
-            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={}",
+            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} h2_conns={} h2_streams={} h2_errors={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} cross_process_links={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={}",
             self.counters.spans,
             export.spans_dropped,
             k[counter::COPY_FAILED as usize],
@@ -369,6 +410,9 @@ impl Agent {
             s.messages,
             s.parse_errors,
             s.not_http,
+            s.h2_conns,
+            s.h2_streams,
+            s.h2_errors,
             s.lost_records,
             self.conns.len(),
             s.evicted,
@@ -376,6 +420,7 @@ impl Agent {
             self.builder.active_len(),
             b.unmatched_responses,
             b.no_response,
+            b.cross_process_links,
             self.probes.watched_len(),
             self.pipes.len(),
             p.muted,
@@ -552,13 +597,14 @@ impl Agent {
                     fd,
                     conn_id: next_conn_id,
                 };
-                self.conns.open(
+                self.conns.open_existing(
                     key,
                     Some(role),
                     Some(sock.remote),
                     now,
                     &mut self.stream_events,
                 );
+                self.conns.set_local(key, Some(sock.local));
                 seeded += 1;
             }
         }

@@ -51,7 +51,10 @@ pub fn format_span_line(span: &FinishedSpan) -> String {
     line.push(' ');
     push_token(&mut line, &span.resource.service_name);
     line.push(' ');
-    match span.attr("http.request.method") {
+    match span
+        .attr("http.request.method")
+        .filter(|_| span.attr("rpc.system").is_none())
+    {
         Some(method) => {
             push_token(&mut line, &attr_text(method));
             line.push(' ');
@@ -59,6 +62,15 @@ pub fn format_span_line(span: &FinishedSpan) -> String {
                 Some(path) => push_token(&mut line, &attr_text(path)),
                 None => line.push('-'),
             }
+        }
+        None if span.attr("rpc.system").is_some() => {
+            // `grpc pkg.Service/Method`.
+            push_token(
+                &mut line,
+                &span.attr("rpc.system").map(attr_text).unwrap_or_default(),
+            );
+            line.push(' ');
+            push_token(&mut line, &span.name);
         }
         None => {
             // Other spans are named `<system> <operation>` (e.g. `plugin invoke_tool`): two
@@ -73,10 +85,11 @@ pub fn format_span_line(span: &FinishedSpan) -> String {
         }
     }
     line.push(' ');
-    match span
-        .attr("http.response.status_code")
-        .or_else(|| span.attr("rpc.grpc.status_code"))
-    {
+    let status = match span.attr("rpc.system") {
+        Some(_) => span.attr("rpc.grpc.status_code"),
+        None => span.attr("http.response.status_code"),
+    };
+    match status {
         Some(status) => push_token(&mut line, &attr_text(status)),
         None => line.push('-'),
     }
@@ -491,11 +504,15 @@ mod tests {
             vec![
                 ("http.request.method", s("POST")),
                 ("url.path", s("/pkg.Svc/Call")),
+                ("http.response.status_code", AttrValue::Int(200)),
+                ("rpc.system", s("grpc")),
                 ("rpc.grpc.status_code", AttrValue::Int(14)),
             ],
         );
+        span.name = "pkg.Svc/Call".into();
         span.end = span.start - Duration::from_secs(1);
-        assert!(format_span_line(&span).contains(" /pkg.Svc/Call 14 0.000ms "));
+        let line = format_span_line(&span);
+        assert!(line.contains(" grpc pkg.Svc/Call 14 0.000ms "), "{line}");
     }
 
     #[test]

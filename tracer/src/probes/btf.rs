@@ -286,6 +286,36 @@ impl FdWalkOffsets {
     }
 }
 
+/// Offsets from a socket's `struct file` to its local address, for connection identity
+/// across processes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    pub file_private: u32,
+    pub socket_sk: u32,
+    pub skc_family: u32,
+    pub skc_num: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+}
+
+impl SockOffsets {
+    pub fn from_btf(btf: &Btf) -> Result<Self, BtfError> {
+        // The walk reads sock_common fields through the struct sock pointer.
+        let common = btf.member_offset("sock", "__sk_common")?;
+        let at = |member: &str| -> Result<u32, BtfError> {
+            Ok(common + btf.member_offset("sock_common", member)?)
+        };
+        Ok(Self {
+            file_private: btf.member_offset("file", "private_data")?,
+            socket_sk: btf.member_offset("socket", "sk")?,
+            skc_family: at("skc_family")?,
+            skc_num: at("skc_num")?,
+            skc_rcv_saddr: at("skc_rcv_saddr")?,
+            skc_v6_rcv_saddr: at("skc_v6_rcv_saddr")?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,5 +386,7 @@ mod tests {
         };
         let offsets = FdWalkOffsets::from_btf(&btf).expect("fd walk offsets");
         assert!(offsets.task_files > 0 && offsets.file_inode > 0);
+        let sock = SockOffsets::from_btf(&btf).expect("socket offsets");
+        assert!(sock.skc_num > 0 && sock.skc_v6_rcv_saddr > sock.skc_num);
     }
 }

@@ -40,21 +40,28 @@ pub struct KernelSelection {
     pub follow_pipes: bool,
 }
 
-/// The kernel struct offsets for following pipes, or None (pipes then not followed) when
-/// the kernel's BTF does not have them.
-fn fd_walk_offsets() -> Option<btf::FdWalkOffsets> {
-    let offsets = btf::Btf::from_sys_fs()
-        .and_then(|b| btf::FdWalkOffsets::from_btf(&b).map_err(anyhow::Error::from));
-    match offsets {
-        Ok(offsets) => {
-            debug!(?offsets, "fd walk offsets from kernel BTF");
-            Some(offsets)
-        }
+/// The kernel struct offsets for walking an fd to its inode (pipes) and to its socket's
+/// local address (connection identity across processes); None for what the kernel's BTF
+/// does not have, which turns that feature off.
+fn kernel_offsets() -> (Option<btf::FdWalkOffsets>, Option<btf::SockOffsets>) {
+    let btf = match btf::Btf::from_sys_fs() {
+        Ok(btf) => btf,
         Err(err) => {
-            warn!("pipes (plugin stdio) are not followed: {err:#}");
-            None
+            warn!("pipes and local socket addresses are not followed: {err:#}");
+            return (None, None);
         }
-    }
+    };
+    let walk = btf::FdWalkOffsets::from_btf(&btf)
+        .inspect(|o| debug!(offsets = ?o, "fd walk offsets from kernel BTF"))
+        .inspect_err(|err| warn!("pipes (plugin stdio) are not followed: {err}"))
+        .ok();
+    let sock = btf::SockOffsets::from_btf(&btf)
+        .inspect(|o| debug!(offsets = ?o, "socket offsets from kernel BTF"))
+        .inspect_err(|err| {
+            warn!("local socket addresses are unknown (no cross-process linking): {err}")
+        })
+        .ok();
+    (walk, sock)
 }
 
 /// Loaded and attached programs plus handles on the maps user space writes.
@@ -80,19 +87,31 @@ impl Probes {
         let trace_all = u8::from(selection.trace_all);
         let emit_exec = u8::from(selection.emit_exec);
         let agent_tgid = std::process::id();
-        let walk = if selection.follow_pipes {
-            fd_walk_offsets()
-        } else {
-            None
-        };
-        let follow_pipes = u8::from(walk.is_some());
+        let (walk, sock) = kernel_offsets();
+        let mut features = 0u32;
+        if walk.is_some() {
+            features |= tracer_common::feature::FD_WALK;
+            if selection.follow_pipes {
+                features |= tracer_common::feature::FOLLOW_PIPES;
+            }
+            if sock.is_some() {
+                features |= tracer_common::feature::SOCK_LOCAL;
+            }
+        }
         let walk = walk.unwrap_or_default();
+        let sock = sock.unwrap_or_default();
         let mut ebpf = EbpfLoader::new()
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("EMIT_EXEC", &emit_exec, true)
             .override_global("AGENT_TGID", &agent_tgid, true)
             .override_global("FORK_CHILD_PID_OFFSET", &fork_child_pid_offset, true)
-            .override_global("FOLLOW_PIPES", &follow_pipes, true)
+            .override_global("FEATURES", &features, true)
+            .override_global("OFF_FILE_PRIVATE", &sock.file_private, true)
+            .override_global("OFF_SOCKET_SK", &sock.socket_sk, true)
+            .override_global("OFF_SKC_FAMILY", &sock.skc_family, true)
+            .override_global("OFF_SKC_NUM", &sock.skc_num, true)
+            .override_global("OFF_SKC_RCV_SADDR", &sock.skc_rcv_saddr, true)
+            .override_global("OFF_SKC_V6_RCV_SADDR", &sock.skc_v6_rcv_saddr, true)
             .override_global("OFF_TASK_FILES", &walk.task_files, true)
             .override_global("OFF_FILES_FDT", &walk.files_fdt, true)
             .override_global("OFF_FDT_MAX_FDS", &walk.fdt_max_fds, true)

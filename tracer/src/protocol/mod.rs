@@ -1,4 +1,5 @@
 //! Pure parsers over captured bytes: no I/O, resumable across chunk borders, never panic.
 
 pub mod http1;
+pub mod http2;
 pub mod stdio;

@@ -16,13 +16,18 @@ use rand::Rng as _;
 
 use super::{
     clock::Clock,
+    conn_ends::ConnEnds,
+    h2_attrs,
     http_attrs::{self, Outcome},
     model::{FinishedSpan, ProcessResource, SpanKind},
     plugin::PluginSessions,
     traceparent,
 };
 use crate::{
-    protocol::http1::{Http1Message, StartLine},
+    protocol::{
+        http1::{Http1Message, StartLine},
+        http2::Http2Stream,
+    },
     stream::{ConnKey, Role, StreamEvent},
 };
 
@@ -45,7 +50,18 @@ struct Pending {
     tid: u32,
     request: Box<Http1Message>,
     peer: Option<SocketAddr>,
+    /// Paired with the request on the other end of the connection (both ends traced).
+    linked: bool,
 }
+
+struct PendingH2 {
+    ids: SpanIds,
+    tid: u32,
+    linked: bool,
+}
+
+/// HTTP/2 streams waiting for their end, at most (beyond it the oldest are dropped).
+pub const MAX_PENDING_H2: usize = 65536;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BuilderCounters {
@@ -53,6 +69,8 @@ pub struct BuilderCounters {
     pub unmatched_responses: u64,
     pub pending_dropped: u64,
     pub no_response: u64,
+    /// SERVER spans made children of the CLIENT span at the other end of their connection.
+    pub cross_process_links: u64,
 }
 
 /// Where a span's resource comes from (the process cache of the agent).
@@ -63,11 +81,14 @@ pub trait ResourceSource {
 #[derive(Default)]
 pub struct SpanBuilder {
     pending: HashMap<ConnKey, (Role, VecDeque<Pending>)>,
+    /// HTTP/2 streams whose request headers were seen, by (connection, stream id).
+    pending_h2: HashMap<(ConnKey, u32), PendingH2>,
     /// Open SERVER spans per (tgid, tid), innermost last.
     active: HashMap<(u32, u32), Vec<SpanIds>>,
     pub counters: BuilderCounters,
     clock: Option<Clock>,
     pub plugins: PluginSessions,
+    ends: ConnEnds,
 }
 
 impl SpanBuilder {
@@ -79,7 +100,7 @@ impl SpanBuilder {
     }
 
     pub fn pending_len(&self) -> usize {
-        self.pending.values().map(|(_, q)| q.len()).sum()
+        self.pending.values().map(|(_, q)| q.len()).sum::<usize>() + self.pending_h2.len()
     }
 
     pub fn active_len(&self) -> usize {
@@ -98,9 +119,13 @@ impl SpanBuilder {
                 role,
                 tid,
                 peer,
+                local,
                 message,
             } => match message.start_line {
-                StartLine::Request { .. } => self.on_request(key, role, tid, peer, message),
+                StartLine::Request { .. } => {
+                    self.ends.note(key, role, local, peer);
+                    self.on_request(key, role, tid, peer, message)
+                }
                 StartLine::Response { status, .. } => {
                     if (100..200).contains(&status) && status != 101 {
                         return;
@@ -109,10 +134,50 @@ impl SpanBuilder {
                 }
             },
             StreamEvent::Closed { key, ts_ns } => {
-                self.on_closed(key, ts_ns, Outcome::ConnectionClosed, resources, out)
+                self.on_closed(key, ts_ns, Outcome::ConnectionClosed, resources, out);
+                self.ends.forget(key);
             }
             StreamEvent::Lost { key, ts_ns } => {
                 self.on_closed(key, ts_ns, Outcome::CaptureLost, resources, out)
+            }
+            StreamEvent::H2Request {
+                key,
+                role,
+                tid,
+                peer,
+                local,
+                stream_id,
+                headers,
+            } => {
+                self.ends.note(key, role, local, peer);
+                let incoming = headers.get("traceparent").and_then(traceparent::parse);
+                let link = match role {
+                    Role::Server => self.client_end_h2(key, stream_id),
+                    Role::Client => None,
+                };
+                let linked = link.is_some();
+                let ids = self.ids_for(key, role, tid, incoming, link);
+                let linked =
+                    linked || (role == Role::Client && self.relink_server_h2(key, stream_id, &ids));
+                if self.pending_h2.len() >= MAX_PENDING_H2 {
+                    self.counters.pending_dropped += 1;
+                    if let Some(k) = self.pending_h2.keys().next().copied()
+                        && let Some(dropped) = self.pending_h2.remove(&k)
+                    {
+                        deactivate(&mut self.active, k.0.tgid, dropped.tid, dropped.ids.span_id);
+                    }
+                }
+                self.pending_h2
+                    .insert((key, stream_id), PendingH2 { ids, tid, linked });
+            }
+            StreamEvent::H2Stream {
+                key,
+                role,
+                peer,
+                stream,
+            } => {
+                let span = self.finish_h2(key, role, peer, &stream, resources);
+                out.push(span);
             }
             StreamEvent::Stdio {
                 key,
@@ -179,16 +244,137 @@ impl SpanBuilder {
         request: Box<Http1Message>,
     ) {
         let incoming = request.header("traceparent").and_then(traceparent::parse);
-        let ids = match role {
+        let link = match role {
+            Role::Server => self.client_end_h1(key),
+            Role::Client => None,
+        };
+        let linked = link.is_some();
+        let ids = self.ids_for(key, role, tid, incoming, link);
+        let linked = linked || (role == Role::Client && self.relink_server_h1(key, &ids));
+        let (_, queue) = self
+            .pending
+            .entry(key)
+            .or_insert_with(|| (role, VecDeque::new()));
+        if queue.len() >= MAX_PENDING_PER_CONN
+            && let Some(dropped) = queue.pop_front()
+        {
+            self.counters.pending_dropped += 1;
+            if role == Role::Server {
+                deactivate(&mut self.active, key.tgid, dropped.tid, dropped.ids.span_id);
+            }
+        }
+        queue.push_back(Pending {
+            ids,
+            tid,
+            request,
+            peer,
+            linked,
+        });
+    }
+
+    /// The CLIENT request at the other end of a SERVER connection that has no server
+    /// request yet: the oldest one not paired.
+    fn client_end_h1(&mut self, key: ConnKey) -> Option<SpanIds> {
+        let client = self.ends.other_end(key)?;
+        let (_, queue) = self.pending.get_mut(&client)?;
+        let pending = queue.iter_mut().find(|p| !p.linked)?;
+        pending.linked = true;
+        self.counters.cross_process_links += 1;
+        Some(pending.ids)
+    }
+
+    fn client_end_h2(&mut self, key: ConnKey, stream_id: u32) -> Option<SpanIds> {
+        let client = self.ends.other_end(key)?;
+        let pending = self.pending_h2.get_mut(&(client, stream_id))?;
+        if pending.linked {
+            return None;
+        }
+        pending.linked = true;
+        self.counters.cross_process_links += 1;
+        Some(pending.ids)
+    }
+
+    /// The server's read of a request can reach us before the client's write of it (the two
+    /// records come from different CPUs): a SERVER span already started as a root moves under
+    /// the CLIENT span that now appears.
+    fn relink_server_h1(&mut self, key: ConnKey, client: &SpanIds) -> bool {
+        let Some(server) = self.ends.other_end(key) else {
+            return false;
+        };
+        let Some((_, queue)) = self.pending.get_mut(&server) else {
+            return false;
+        };
+        let Some(pending) = queue
+            .iter_mut()
+            .find(|p| !p.linked && p.ids.parent_span_id.is_none())
+        else {
+            return false;
+        };
+        pending.linked = true;
+        let old = pending.ids;
+        pending.ids = reparented(old, client);
+        reactivate(
+            &mut self.active,
+            server.tgid,
+            pending.tid,
+            old.span_id,
+            pending.ids,
+        );
+        self.counters.cross_process_links += 1;
+        true
+    }
+
+    fn relink_server_h2(&mut self, key: ConnKey, stream_id: u32, client: &SpanIds) -> bool {
+        let Some(server) = self.ends.other_end(key) else {
+            return false;
+        };
+        let Some(pending) = self.pending_h2.get_mut(&(server, stream_id)) else {
+            return false;
+        };
+        if pending.linked || pending.ids.parent_span_id.is_some() {
+            return false;
+        }
+        pending.linked = true;
+        let old = pending.ids;
+        pending.ids = reparented(old, client);
+        reactivate(
+            &mut self.active,
+            server.tgid,
+            pending.tid,
+            old.span_id,
+            pending.ids,
+        );
+        self.counters.cross_process_links += 1;
+        true
+    }
+
+    /// The ids of a new request's span: a SERVER span under the CLIENT span at the other end
+    /// of its connection (`link`), else an incoming traceparent; a CLIENT span under the span
+    /// its thread serves, else a traceparent. A SERVER span becomes active on its thread.
+    fn ids_for(
+        &mut self,
+        key: ConnKey,
+        role: Role,
+        tid: u32,
+        incoming: Option<traceparent::TraceParent>,
+        link: Option<SpanIds>,
+    ) -> SpanIds {
+        match role {
             Role::Server => {
-                let ids = match incoming {
-                    Some(tp) => SpanIds {
+                let ids = match (link, incoming) {
+                    (Some(client), _) => SpanIds {
+                        trace_id: client.trace_id,
+                        span_id: new_span_id(),
+                        parent_span_id: Some(client.span_id),
+                        parent_is_remote: false,
+                    },
+                    (None, Some(tp)) => SpanIds {
                         trace_id: tp.trace_id,
                         span_id: new_span_id(),
                         parent_span_id: Some(tp.span_id),
                         parent_is_remote: true,
                     },
-                    None => root_ids(),
+                    (None, None) => root_ids(),
                 };
                 if self.active.len() < MAX_ACTIVE_THREADS
                     || self.active.contains_key(&(key.tgid, tid))
@@ -221,25 +407,60 @@ impl SpanBuilder {
                     (None, None) => root_ids(),
                 }
             }
-        };
-        let (_, queue) = self
-            .pending
-            .entry(key)
-            .or_insert_with(|| (role, VecDeque::new()));
-        if queue.len() >= MAX_PENDING_PER_CONN
-            && let Some(dropped) = queue.pop_front()
-        {
-            self.counters.pending_dropped += 1;
-            if role == Role::Server {
-                deactivate(&mut self.active, key.tgid, dropped.tid, dropped.ids.span_id);
-            }
         }
-        queue.push_back(Pending {
-            ids,
-            tid,
-            request,
-            peer,
-        });
+    }
+
+    /// The span of an ended HTTP/2 stream.
+    fn finish_h2(
+        &mut self,
+        key: ConnKey,
+        role: Role,
+        peer: Option<SocketAddr>,
+        stream: &Http2Stream,
+        resources: &mut dyn ResourceSource,
+    ) -> FinishedSpan {
+        let kind = match role {
+            Role::Server => SpanKind::Server,
+            Role::Client => SpanKind::Client,
+        };
+        let ids = match self.pending_h2.remove(&(key, stream.stream_id)) {
+            Some(p) => {
+                if role == Role::Server {
+                    deactivate(&mut self.active, key.tgid, p.tid, p.ids.span_id);
+                }
+                p.ids
+            }
+            // Its request headers were never decoded (the stream began before we looked).
+            None => root_ids(),
+        };
+        let request_first = stream.request.first.unwrap_or(stream.started);
+        let start_ns = match role {
+            Role::Server => request_first.exit_ns,
+            Role::Client => request_first.enter_ns,
+        };
+        let end_ns = stream
+            .response
+            .end
+            .unwrap_or(stream.ended)
+            .exit_ns
+            .max(start_ns);
+        let (attributes, status) = h2_attrs::attributes(kind, stream, peer);
+        let clock = self.clock();
+        self.counters.spans += 1;
+        FinishedSpan {
+            trace_id: ids.trace_id,
+            span_id: ids.span_id,
+            parent_span_id: ids.parent_span_id,
+            parent_is_remote: ids.parent_is_remote,
+            kind,
+            name: h2_attrs::span_name(stream),
+            start: clock.to_system_time(start_ns),
+            end: clock.to_system_time(end_ns),
+            attributes,
+            links: Vec::new(),
+            status,
+            resource: resources.resource(key.tgid),
+        }
     }
 
     fn on_response(
@@ -335,6 +556,8 @@ impl SpanBuilder {
     pub fn forget_process(&mut self, tgid: u32) {
         self.active.retain(|(t, _), _| *t != tgid);
         self.pending.retain(|k, _| k.tgid != tgid);
+        self.pending_h2.retain(|(k, _), _| k.tgid != tgid);
+        self.ends.forget_process(tgid);
     }
 }
 
@@ -348,6 +571,31 @@ fn deactivate(
         stack.retain(|ids| ids.span_id != span_id);
         if stack.is_empty() {
             active.remove(&(tgid, tid));
+        }
+    }
+}
+
+/// `ids` moved under `parent`, keeping its span id.
+fn reparented(ids: SpanIds, parent: &SpanIds) -> SpanIds {
+    SpanIds {
+        trace_id: parent.trace_id,
+        span_id: ids.span_id,
+        parent_span_id: Some(parent.span_id),
+        parent_is_remote: false,
+    }
+}
+
+/// Replaces the active entry of span `span_id` on a thread by `ids`.
+fn reactivate(
+    active: &mut HashMap<(u32, u32), Vec<SpanIds>>,
+    tgid: u32,
+    tid: u32,
+    span_id: [u8; 8],
+    ids: SpanIds,
+) {
+    if let Some(stack) = active.get_mut(&(tgid, tid)) {
+        for entry in stack.iter_mut().filter(|e| e.span_id == span_id) {
+            *entry = ids;
         }
     }
 }
@@ -472,6 +720,61 @@ mod tests {
         fd: 6,
         conn_id: 2,
     };
+
+    /// A client process (tgid 20) calling a server process (tgid 30) on this host; both
+    /// ends know both addresses. `server_first`: the server's read of the request reaches
+    /// the builder before the client's write of it.
+    fn two_processes(server_first: bool) -> Vec<FinishedSpan> {
+        let client_end = ConnKey {
+            tgid: 20,
+            fd: 7,
+            conn_id: 3,
+        };
+        let server_end = ConnKey {
+            tgid: 30,
+            fd: 8,
+            conn_id: 4,
+        };
+        let c: SocketAddr = "127.0.0.1:41000".parse().unwrap();
+        let s: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let mut w = World::new();
+        let mut out = Vec::new();
+        w.conns
+            .open(client_end, Some(Role::Client), Some(s), w.now, &mut out);
+        w.conns.set_local(client_end, Some(c));
+        w.conns
+            .open(server_end, Some(Role::Server), Some(c), w.now, &mut out);
+        w.conns.set_local(server_end, Some(s));
+        w.pump(out);
+        let request: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+        if server_first {
+            w.io(server_end, 31, true, request);
+            w.io(client_end, 21, false, request);
+        } else {
+            w.io(client_end, 21, false, request);
+            w.io(server_end, 31, true, request);
+        }
+        let response: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        w.io(server_end, 31, false, response);
+        w.io(client_end, 21, true, response);
+        assert_eq!(w.builder.counters.cross_process_links, 1);
+        w.spans
+    }
+
+    #[test]
+    fn server_span_is_the_child_of_the_client_span_at_the_other_end() {
+        for server_first in [false, true] {
+            let spans = two_processes(server_first);
+            let server = spans.iter().find(|s| s.kind == SpanKind::Server).unwrap();
+            let client = spans.iter().find(|s| s.kind == SpanKind::Client).unwrap();
+            assert_eq!(
+                server.trace_id, client.trace_id,
+                "server_first={server_first}"
+            );
+            assert_eq!(server.parent_span_id, Some(client.span_id));
+            assert_eq!(client.parent_span_id, None);
+        }
+    }
 
     #[test]
     fn client_call_inside_a_server_request_is_its_child() {

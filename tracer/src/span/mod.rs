@@ -2,6 +2,8 @@
 
 pub mod builder;
 pub mod clock;
+pub mod conn_ends;
+pub mod h2_attrs;
 pub mod http_attrs;
 pub mod model;
 pub mod plugin;

@@ -2,7 +2,10 @@
 
 use std::net::SocketAddr;
 
-use crate::protocol::http1::{ChunkTs, Http1Event, Http1Parser, Side};
+use crate::protocol::{
+    http1::{ChunkTs, Http1Event, Http1Parser, Side},
+    http2::{ConnStart, Http2Conn, PREFACE},
+};
 
 /// A connection as the kernel named it: the fd of a process plus the generation of the socket
 /// behind it, so a reused fd number is a new connection.
@@ -29,6 +32,8 @@ const TID_HISTORY: usize = 16;
 pub struct Conn {
     pub role: Option<Role>,
     pub peer: Option<SocketAddr>,
+    /// Our own address on the connection, when the kernel side could read it.
+    pub local: Option<SocketAddr>,
     pub last_seen_ns: u64,
     /// Chunks seen before the role was known; after too many the stream is given up.
     pub unknown_chunks: u32,
@@ -36,6 +41,15 @@ pub struct Conn {
     /// Sequence number the next data record should carry; None until the first one when
     /// the connection's start was not seen.
     pub next_seq: Option<u32>,
+    /// The connection was in use before we saw it (seeded from /proc, or met without its
+    /// accept/connect): its first bytes may be anywhere in a message.
+    pub mid_stream: bool,
+    /// Whether any data was seen yet.
+    pub seen_data: bool,
+    /// An HTTP/1 message was parsed: the connection is not HTTP/2.
+    pub h1_seen: bool,
+    /// Set once the connection speaks HTTP/2; the HTTP/1 parsers are then unused.
+    pub h2: Option<Box<Http2Conn>>,
     requests: Http1Parser,
     responses: Http1Parser,
     /// (exit timestamp, tid) of recent chunks per direction: [requests, responses].
@@ -55,10 +69,15 @@ impl Conn {
         Self {
             role,
             peer,
+            local: None,
             last_seen_ns: now_ns,
             unknown_chunks: 0,
             not_http: false,
             next_seq: Some(0),
+            mid_stream: false,
+            seen_data: false,
+            h1_seen: false,
+            h2: None,
             requests: Http1Parser::new(Side::Request),
             responses: Http1Parser::new(Side::Response),
             tids: [[(0, 0); TID_HISTORY]; 2],
@@ -74,6 +93,13 @@ impl Conn {
         }
     }
 
+    /// Remembers which thread moved a chunk of `flow` (see `tid_at`).
+    pub fn note_tid(&mut self, flow: Flow, ts: ChunkTs, tid: u32) {
+        let slot = flow as usize;
+        self.tids[slot][self.tid_next[slot] % TID_HISTORY] = (ts.exit_ns, tid);
+        self.tid_next[slot] = self.tid_next[slot].wrapping_add(1);
+    }
+
     pub fn feed(
         &mut self,
         flow: Flow,
@@ -83,9 +109,7 @@ impl Conn {
         tid: u32,
         out: &mut Vec<Http1Event>,
     ) {
-        let slot = flow as usize;
-        self.tids[slot][self.tid_next[slot] % TID_HISTORY] = (ts.exit_ns, tid);
-        self.tid_next[slot] = self.tid_next[slot].wrapping_add(1);
+        self.note_tid(flow, ts, tid);
         let (parser, other) = match flow {
             Flow::Requests => (&mut self.requests, &mut self.responses),
             Flow::Responses => (&mut self.responses, &mut self.requests),
@@ -152,8 +176,60 @@ impl Conn {
     }
 
     pub fn gave_up(&self) -> bool {
+        if let Some(h2) = &self.h2 {
+            return self.not_http || h2.is_not_http2();
+        }
         self.not_http || self.requests.is_not_http() || self.responses.is_not_http()
     }
+}
+
+/// Whether the first bytes of a connection say HTTP/2, and how to start its parser. `role`
+/// is what accept/connect (or /proc) said, if anything.
+pub fn detect_http2(
+    first: &[u8],
+    ingress: bool,
+    role: Option<Role>,
+    mid_stream: bool,
+) -> Option<(Role, ConnStart)> {
+    // The client preface (or as much of it as this chunk holds) names the client.
+    let n = first.len().min(PREFACE.len());
+    if n >= 4 && first[..n] == PREFACE[..n] {
+        let role = if ingress { Role::Server } else { Role::Client };
+        return Some((role, ConnStart::Preface));
+    }
+    let role = role?;
+    let from_server = matches!(
+        (role, ingress),
+        (Role::Server, false) | (Role::Client, true)
+    );
+    if !mid_stream {
+        // A fresh connection whose server speaks first: HTTP/2 servers send SETTINGS at
+        // once, often before the client's preface is read.
+        return (from_server && is_settings_frame(first)).then_some((role, ConnStart::Preface));
+    }
+    (looks_like_frame(first) && !looks_like_http1(first)).then_some((role, ConnStart::MidStream))
+}
+
+/// A SETTINGS frame header (type 4, stream 0, length a multiple of 6).
+fn is_settings_frame(b: &[u8]) -> bool {
+    b.len() >= 9
+        && b[3] == 4
+        && b[5..9] == [0, 0, 0, 0]
+        && (u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2])) % 6 == 0
+}
+
+/// A plausible frame header: known type, length within the default maximum, reserved bit
+/// clear. The parser checks further as it resyncs.
+fn looks_like_frame(b: &[u8]) -> bool {
+    if b.len() < 9 {
+        return false;
+    }
+    let len = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+    b[3] <= 9 && len <= 16384 && b[5] & 0x80 == 0
+}
+
+fn looks_like_http1(b: &[u8]) -> bool {
+    b.starts_with(b"HTTP/1.") || looks_like_request(b)
 }
 
 /// Guess the role of a connection from its first bytes: a request line marks the sender as

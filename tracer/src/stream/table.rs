@@ -4,9 +4,10 @@ use std::{collections::HashMap, net::SocketAddr};
 
 use tracing::debug;
 
-use super::conn::{Conn, ConnKey, Flow, Role, infer_role};
+use super::conn::{Conn, ConnKey, Flow, Role, detect_http2, infer_role};
 use crate::protocol::{
     http1::{ChunkTs, Http1Event, Http1Message, StartLine},
+    http2::{Direction, HeaderBlock, HeadersKind, Http2Conn, Http2Event, Http2Stream},
     stdio::StdioLine,
 };
 
@@ -26,6 +27,7 @@ pub enum StreamEvent {
         role: Role,
         tid: u32,
         peer: Option<SocketAddr>,
+        local: Option<SocketAddr>,
         message: Box<Http1Message>,
     },
     /// The connection is gone: requests still waiting for an answer end here.
@@ -33,6 +35,23 @@ pub enum StreamEvent {
     /// Records of the connection were lost (ring buffer full): requests waiting for an
     /// answer end here, since their answer may be among the lost records.
     Lost { key: ConnKey, ts_ns: u64 },
+    /// The request headers of an HTTP/2 stream were decoded. `tid` moved their last byte.
+    H2Request {
+        key: ConnKey,
+        role: Role,
+        tid: u32,
+        peer: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+        stream_id: u32,
+        headers: Box<HeaderBlock>,
+    },
+    /// An HTTP/2 stream ended (complete, reset, or its connection went away).
+    H2Stream {
+        key: ConnKey,
+        role: Role,
+        peer: Option<SocketAddr>,
+        stream: Box<Http2Stream>,
+    },
     /// A JSON line on a pipe (plugin stdio). `ingress`: the process read it.
     Stdio {
         key: ConnKey,
@@ -50,6 +69,12 @@ pub struct StreamCounters {
     pub parse_errors: u64,
     pub evicted: u64,
     pub not_http: u64,
+    /// Connections that speak HTTP/2.
+    pub h2_conns: u64,
+    /// HTTP/2 streams ended.
+    pub h2_streams: u64,
+    /// HTTP/2 framing or HPACK errors.
+    pub h2_errors: u64,
     /// Data records the kernel side could not deliver, from sequence-number holes.
     pub lost_records: u64,
 }
@@ -63,6 +88,7 @@ pub struct ConnTable {
     scratch: Vec<Http1Event>,
     /// Reused buffers for what both parsers emit when a connection ends.
     ends: (Vec<Http1Event>, Vec<Http1Event>),
+    h2_scratch: Vec<Http2Event>,
 }
 
 impl ConnTable {
@@ -90,6 +116,29 @@ impl ConnTable {
         self.replace_generation(key, ts_ns, out);
         self.make_room(out);
         self.conns.insert(key, Conn::new(role, peer, ts_ns));
+    }
+
+    /// Our own address on a connection (from the kernel's socket, or /proc).
+    pub fn set_local(&mut self, key: ConnKey, local: Option<SocketAddr>) {
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.local = local;
+        }
+    }
+
+    /// A connection that was in use before the agent started (seeded from /proc): its first
+    /// captured bytes may be anywhere in a message.
+    pub fn open_existing(
+        &mut self,
+        key: ConnKey,
+        role: Option<Role>,
+        peer: Option<SocketAddr>,
+        ts_ns: u64,
+        out: &mut Vec<StreamEvent>,
+    ) {
+        self.open(key, role, peer, ts_ns, out);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            conn.mid_stream = true;
+        }
     }
 
     /// A connection whose bytes must not be parsed (e.g. the agent's own export): records
@@ -125,6 +174,7 @@ impl ConnTable {
         };
         if implicit {
             conn.next_seq = None;
+            conn.mid_stream = true;
         }
         conn.last_seen_ns = ts.exit_ns;
         let lost = conn.check_seq(seq);
@@ -132,6 +182,7 @@ impl ConnTable {
             self.counters.lost_records += u64::from(lost);
             end_both(
                 &mut self.ends,
+                &mut self.h2_scratch,
                 &mut self.counters,
                 key,
                 conn,
@@ -144,7 +195,35 @@ impl ConnTable {
                 ts_ns: ts.enter_ns,
             });
         }
+        // HTTP/2 is recognised from a connection's first bytes, or, for one in use before we
+        // saw it, from any chunk until it has shown HTTP/1.
+        if conn.h2.is_none()
+            && (!conn.seen_data || (conn.mid_stream && !conn.h1_seen))
+            && let Some((role, start)) = detect_http2(captured, ingress, conn.role, conn.mid_stream)
+        {
+            conn.role = Some(role);
+            conn.not_http = false;
+            conn.h2 = Some(Box::new(Http2Conn::new(start)));
+            self.counters.h2_conns += 1;
+        }
+        conn.seen_data = true;
         if conn.gave_up() {
+            return;
+        }
+        if conn.h2.is_some() {
+            let gap = total_len.saturating_sub(captured.len() as u64);
+            feed_h2(
+                &mut self.h2_scratch,
+                &mut self.counters,
+                key,
+                conn,
+                ingress,
+                captured,
+                gap,
+                ts,
+                tid,
+                out,
+            );
             return;
         }
         if conn.role.is_none() {
@@ -259,6 +338,7 @@ impl ConnTable {
         };
         end_both(
             &mut self.ends,
+            &mut self.h2_scratch,
             &mut self.counters,
             key,
             &mut conn,
@@ -270,6 +350,88 @@ impl ConnTable {
     }
 }
 
+/// One chunk of an HTTP/2 connection through its parser.
+#[allow(clippy::too_many_arguments)]
+fn feed_h2(
+    scratch: &mut Vec<Http2Event>,
+    counters: &mut StreamCounters,
+    key: ConnKey,
+    conn: &mut Conn,
+    ingress: bool,
+    captured: &[u8],
+    gap: u64,
+    ts: ChunkTs,
+    tid: u32,
+    out: &mut Vec<StreamEvent>,
+) {
+    let Some(role) = conn.role else { return };
+    let dir = match (role, ingress) {
+        (Role::Server, true) | (Role::Client, false) => Direction::ClientToServer,
+        (Role::Server, false) | (Role::Client, true) => Direction::ServerToClient,
+    };
+    let flow = match dir {
+        Direction::ClientToServer => Flow::Requests,
+        Direction::ServerToClient => Flow::Responses,
+    };
+    conn.note_tid(flow, ts, tid);
+    scratch.clear();
+    if let Some(h2) = conn.h2.as_mut() {
+        if !captured.is_empty() {
+            h2.feed(dir, captured, ts, scratch);
+        }
+        if gap > 0 {
+            h2.gap(dir, gap, ts, scratch);
+        }
+    }
+    for event in scratch.drain(..) {
+        emit_h2(counters, key, conn, role, event, out);
+    }
+}
+
+fn emit_h2(
+    counters: &mut StreamCounters,
+    key: ConnKey,
+    conn: &Conn,
+    role: Role,
+    event: Http2Event,
+    out: &mut Vec<StreamEvent>,
+) {
+    match event {
+        Http2Event::Headers {
+            stream_id,
+            kind: HeadersKind::Request,
+            block,
+            ts,
+            ..
+        } => {
+            let tid = conn.tid_at(Flow::Requests, ts.exit_ns).unwrap_or(key.tgid);
+            out.push(StreamEvent::H2Request {
+                key,
+                role,
+                tid,
+                peer: conn.peer,
+                local: conn.local,
+                stream_id,
+                headers: Box::new(block),
+            });
+        }
+        Http2Event::StreamEnded(stream) => {
+            counters.h2_streams += 1;
+            out.push(StreamEvent::H2Stream {
+                key,
+                role,
+                peer: conn.peer,
+                stream,
+            });
+        }
+        Http2Event::Error { dir, error } => {
+            counters.h2_errors += 1;
+            debug!(?key, ?dir, %error, "HTTP/2 parse error");
+        }
+        _ => {}
+    }
+}
+
 /// How a connection's parsers are ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -278,8 +440,10 @@ enum End {
 }
 
 /// Ends both directions of `conn` and emits what the parsers still held.
+#[allow(clippy::too_many_arguments)]
 fn end_both(
     ends: &mut (Vec<Http1Event>, Vec<Http1Event>),
+    h2_scratch: &mut Vec<Http2Event>,
     counters: &mut StreamCounters,
     key: ConnKey,
     conn: &mut Conn,
@@ -287,6 +451,17 @@ fn end_both(
     ts: ChunkTs,
     out: &mut Vec<StreamEvent>,
 ) {
+    if let (Some(h2), Some(role)) = (conn.h2.as_mut(), conn.role) {
+        h2_scratch.clear();
+        match how {
+            End::Closed => h2.close(ts, h2_scratch),
+            End::Lost => h2.lost(ts, h2_scratch),
+        }
+        for event in h2_scratch.drain(..) {
+            emit_h2(counters, key, conn, role, event, out);
+        }
+        return;
+    }
     let (requests, responses) = ends;
     requests.clear();
     responses.clear();
@@ -314,6 +489,7 @@ fn emit(
     match event {
         Http1Event::Message(message) => {
             counters.messages += 1;
+            conn.h1_seen = true;
             if flow == Flow::Requests
                 && let StartLine::Request { method, .. } = &message.start_line
             {
@@ -325,6 +501,7 @@ fn emit(
                 role,
                 tid,
                 peer: conn.peer,
+                local: conn.local,
                 message: Box::new(message),
             });
         }

@@ -1,0 +1,125 @@
+//! End-to-end: the ring buffer overruns under a burst and the agent reports it, then recovers.
+//!
+//! The agent is frozen (SIGSTOP) while a burst of requests hits a traced gunicorn, so the
+//! kernel side fills the 8 MiB ring buffer and has to drop records. Once the agent runs again
+//! it must count the drops (kernel counter and sequence holes), keep running, and trace the
+//! next request normally.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use common::*;
+use difytrace_tests::agent::Agent;
+use difytrace_tests::otlp_receiver::OtlpReceiver;
+use difytrace_tests::procs::http_get;
+use difytrace_tests::python::{DEMO_APP, Gunicorn, GunicornOpts, check_flask_gunicorn};
+
+const WAIT: Duration = Duration::from_secs(90);
+/// Requests in the burst: each answer is 16 KiB, of which 4 KiB + 128 bytes are copied, so
+/// the burst makes several times the 8 MiB of the ring.
+const BURST: usize = 8_000;
+/// A route with a large answer.
+const BIG_ROUTE: &str = r#"
+@app.get("/big")
+def big():
+    return "x" * 16384
+"#;
+const CLIENT_THREADS: usize = 4;
+
+fn signal(pid: u32, sig: i32) -> Result<()> {
+    // SAFETY: plain syscall on a pid this test started.
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    ensure!(
+        rc == 0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+#[test]
+fn ring_overrun_under_a_burst_is_counted_and_tracing_recovers() -> Result<()> {
+    let Some(_e2e) =
+        difytrace_tests::e2e("ring_overrun_under_a_burst_is_counted_and_tracing_recovers")
+    else {
+        return Ok(());
+    };
+    check_flask_gunicorn()?;
+    let g = Gunicorn::start(
+        &format!("{DEMO_APP}\n{BIG_ROUTE}"),
+        &GunicornOpts::default(),
+    )?;
+    let rx = OtlpReceiver::start()?;
+    let mut agent = Agent::start(&[
+        "--comm",
+        "gunicorn",
+        "--otlp-endpoint",
+        &rx.grpc_endpoint(),
+        "--stats-interval",
+        "1",
+    ])?;
+    let before = get(g.addr(), &format!("/users/{}", random_hex(8)), &[])?;
+    rx.wait_for_span(|s| is_server_for(s, &before), WAIT)
+        .map_err(|e| agent.annotate(e))?;
+
+    signal(agent.pid(), libc::SIGSTOP)?;
+    let started = Instant::now();
+    let addr = g.addr();
+    let workers: Vec<_> = (0..CLIENT_THREADS)
+        .map(|_| {
+            std::thread::spawn(move || -> Result<usize> {
+                let mut ok = 0;
+                for _ in 0..BURST / CLIENT_THREADS {
+                    if http_get(addr, "/big", &[]).is_ok_and(|r| r.status == 200) {
+                        ok += 1;
+                    }
+                }
+                Ok(ok)
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for w in workers {
+        answered += w
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    }
+    let burst_time = started.elapsed();
+    signal(agent.pid(), libc::SIGCONT)?;
+    ensure!(
+        answered > BURST * 9 / 10,
+        "the server answered only {answered} of {BURST} requests"
+    );
+
+    // The agent drains what the ring held, reports the drops, and traces requests again. The
+    // first requests after the thaw may still meet a full ring (the agent has 8 MiB to read),
+    // so requests are sent until one is traced.
+    let deadline = Instant::now() + WAIT;
+    let mut recovered = false;
+    while !recovered && Instant::now() < deadline {
+        let after = get(g.addr(), &format!("/users/{}", random_hex(8)), &[])?;
+        recovered = rx
+            .wait_for_span(|s| is_server_for(s, &after), Duration::from_secs(3))
+            .is_ok();
+    }
+    ensure!(
+        recovered,
+        "no request traced within {WAIT:?} after the burst:\n{}",
+        agent.logs(40)
+    );
+    agent.ensure_running()?;
+    let stats = agent.stop_with_stats()?;
+    let dropped = stats.get("dropped").copied().unwrap_or(0);
+    let lost = stats.get("lost_records").copied().unwrap_or(0);
+    ensure!(
+        dropped > 0 && lost > 0,
+        "a {BURST}-request burst ({burst_time:?}) against a frozen agent should overrun the ring: dropped={dropped} lost_records={lost}, stats {stats:?}"
+    );
+    println!(
+        "burst of {answered} requests in {burst_time:?}: dropped={dropped} lost_records={lost} spans={:?}",
+        stats.get("spans")
+    );
+    Ok(())
+}
