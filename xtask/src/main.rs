@@ -6,6 +6,7 @@
 
 mod agent;
 mod bench;
+mod fuzz;
 mod setup;
 mod testing;
 mod util;
@@ -43,6 +44,10 @@ COMMANDS:
         agent (defaults: 10 s, 3 rounds each, 16 connections, 2 threads, 2 s warm-up);
         print a table and write it into docs/benchmarks.md (not with --no-docs).
         --off-only runs the baseline alone (no agent, no root, docs untouched).
+    fuzz [--seconds N]
+        Run every parser's fuzz target (tracer/fuzz: http1, http2, stdio) for N seconds
+        each (default 60) with cargo-fuzz on the pinned nightly; installs cargo-fuzz when
+        missing. `test` runs it for 20 s each.
     help
         This text.
 ";
@@ -107,6 +112,22 @@ fn real_main() -> Result<()> {
                 }
             };
             testing::test(extra)
+        }
+        "fuzz" => {
+            let mut seconds = 60;
+            let mut iter = rest.iter();
+            while let Some(arg) = iter.next() {
+                match arg.as_str() {
+                    "--seconds" => {
+                        seconds = iter
+                            .next()
+                            .and_then(|v| v.parse().ok())
+                            .context("--seconds needs a number")?;
+                    }
+                    other => bail!("fuzz: unknown option {other:?} (see cargo xtask help)"),
+                }
+            }
+            fuzz::fuzz(seconds)
         }
         "bench" => {
             let mut opts = parse_bench_args(rest)?;

@@ -15,6 +15,9 @@ const HOST_PACKAGES: &[&str] = &["tracer", "tracer-common", "xtask", "difytrace-
 /// xtask's own unit tests are cheap, so they run too.
 const TEST_PACKAGES: &[&str] = &["tracer", "tracer-common", "difytrace-tests", "xtask"];
 
+/// Seconds per fuzz target in `cargo xtask test`.
+const FUZZ_SECONDS: u32 = 20;
+
 struct Step {
     name: &'static str,
     took: Duration,
@@ -81,6 +84,11 @@ pub fn test(extra: &[String]) -> Result<()> {
                 .env("DIFYTRACE_JAEGER", jaeger);
             run(&mut cmd)
         });
+    }
+
+    if ok {
+        // Bounded: CI time is shared; longer runs are `cargo xtask fuzz --seconds N`.
+        timed("fuzz", &mut || crate::fuzz::fuzz(FUZZ_SECONDS));
     }
 
     say!("summary:");
