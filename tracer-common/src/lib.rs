@@ -37,6 +37,9 @@ pub mod kind {
     pub const FORK: u8 = 7;
     /// A pipe or FIFO fd of a watched process, seen for the first time.
     pub const PIPE: u8 = 8;
+    /// A connect() of the agent itself (its exports), with the local address: a traced
+    /// collector that accepts from there must not be traced (no feedback loop).
+    pub const OWN_CONNECT: u8 = 9;
 }
 
 /// Direction of a data event relative to the process that made the syscall.

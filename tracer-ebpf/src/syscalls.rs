@@ -24,7 +24,7 @@ use tracer_common::{
 
 use crate::util::{
     EVENTS, FdWalk, INFLIGHT, Inflight, OTHER_FDS, SCRATCH, SOCKETS, bump, current_if_watched,
-    fd_walk, follow_pipes, sock_walk, wakeup_flags,
+    current_is_agent, fd_walk, follow_pipes, sock_walk, wakeup_flags,
 };
 
 /// What the saved pointer of an in-flight syscall points at.
@@ -592,7 +592,9 @@ fn exit_accept(new_fd: i64) {
 
 #[inline(always)]
 fn enter_connect(regs: u64) {
-    let Some((id, _)) = current_if_watched() else {
+    // The agent's own connects are reported too (see kind::OWN_CONNECT), never traced.
+    let own = current_is_agent();
+    let Some(id) = own.or_else(|| current_if_watched().map(|(id, _)| id)) else {
         return;
     };
     let peer = read_sockaddr(read_regs_u64(regs, PT_REGS_ARGS[1]));
@@ -600,7 +602,7 @@ fn enter_connect(regs: u64) {
         return;
     }
     let fd = read_regs_u64(regs, PT_REGS_ARGS[0]) as i32;
-    let mut saved = inflight(op::CONNECT, 0, fd, 0, 0);
+    let mut saved = inflight(op::CONNECT, u8::from(own.is_some()), fd, 0, 0);
     saved.family = peer.family;
     saved.port = peer.port;
     saved.addr = peer.addr;
@@ -621,6 +623,19 @@ fn exit_connect(r: i64) {
         _pad: 0,
         addr: saved.addr,
     };
+    if saved.direction == 1 {
+        emit_conn(
+            kind::OWN_CONNECT,
+            role::CLIENT,
+            id,
+            saved.fd,
+            0,
+            peer,
+            true,
+            0,
+        );
+        return;
+    }
     track(id, saved.fd, role::CLIENT, kind::CONNECT, peer);
 }
 

@@ -152,6 +152,13 @@ pub fn fork_child_pid_offset() -> usize {
     unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) as usize }
 }
 
+/// Whether the current task belongs to the agent.
+#[inline(always)]
+pub fn current_is_agent() -> Option<u64> {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32 == agent_tgid()).then_some(id)
+}
+
 #[inline(always)]
 fn agent_tgid() -> u32 {
     // SAFETY: as above.

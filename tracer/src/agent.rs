@@ -280,6 +280,17 @@ impl Agent {
                     .open(key, conn_role, peer, conn.ts_ns, &mut self.stream_events);
                 self.conns.set_local(key, event::socket_addr(&conn.local));
             }
+            kind::OWN_CONNECT => {
+                if let Some(local) = event::socket_addr(&conn.local) {
+                    self.own_sockets.add(local);
+                    // The collector's accept may have reached us first.
+                    for key in self.conns.keys_with_peer(local) {
+                        self.probes.forget_socket(key.tgid, key.fd);
+                        self.conns.ignore(key, conn.ts_ns, &mut self.stream_events);
+                        self.counters.own_connections += 1;
+                    }
+                }
+            }
             kind::PIPE => {
                 let comm = event::comm_str(&conn.comm);
                 self.procs.ensure_named(conn.tgid, Some(&comm));
@@ -447,6 +458,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         follow_pipes: config.follow_pipes,
     };
     let mut probes = Probes::load(&kernel_selection)?;
+    let mut own_sockets = SelfSockets::new();
+    if probes.reads_local_addresses() {
+        own_sockets.reported_by_kernel();
+    }
     let ring = probes.take_ring().context("ring buffer already taken")?;
 
     let exporter = Exporter::new(ExportConfig {
@@ -463,7 +478,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         pipes: PipeTable::new(),
         builder: SpanBuilder::new(Clock::now()),
         procs: ProcessCache::new(config.name_rules.clone()),
-        own_sockets: SelfSockets::new(),
+        own_sockets,
         exporter,
         counters: AgentCounters::default(),
         stream_events: Vec::new(),
@@ -558,6 +573,9 @@ impl Agent {
         for &tgid in &chosen {
             if !trace_all {
                 self.probes.watch(tgid);
+                // Named now: a process that exits before its first record is read (a
+                // recycled worker) would otherwise be gone from /proc.
+                self.procs.ensure(tgid);
             }
             let fds = procfs::socket_fds(tgid);
             if fds.is_empty() {

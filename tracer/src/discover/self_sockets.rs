@@ -16,7 +16,14 @@ pub struct SelfSockets {
     local: HashSet<SocketAddr>,
     /// CLOCK_MONOTONIC of the last read; a connection accepted after it may be missing.
     read_ns: u64,
+    /// The kernel side reports the agent's connects with their local address: /proc is not
+    /// read for every unknown loopback peer.
+    reported_by_kernel: bool,
 }
+
+/// Own sockets remembered at once (closed ones are not reported, so the set is re-read
+/// from /proc when it reaches this).
+const MAX_OWN_SOCKETS: usize = 4096;
 
 impl SelfSockets {
     pub fn new() -> Self {
@@ -24,7 +31,23 @@ impl SelfSockets {
             pid: std::process::id(),
             local: HashSet::new(),
             read_ns: 0,
+            reported_by_kernel: false,
         }
+    }
+
+    /// From now on the kernel side reports every connect of the agent (it can read sockets'
+    /// local addresses), so /proc is only read periodically.
+    pub fn reported_by_kernel(&mut self) {
+        self.reported_by_kernel = true;
+    }
+
+    /// One of the agent's own connects, as the kernel side saw it.
+    pub fn add(&mut self, local: SocketAddr) {
+        self.reported_by_kernel = true;
+        if self.local.len() >= MAX_OWN_SOCKETS {
+            self.refresh();
+        }
+        self.local.insert(local);
     }
 
     /// True when `peer`, accepted at `accepted_ns` (CLOCK_MONOTONIC), is a socket of the
@@ -36,7 +59,10 @@ impl SelfSockets {
         // Exports to a collector on this host go through loopback; any other peer is only
         // matched once a periodic refresh has seen it, so the common case is a set lookup.
         // The set is re-read only when it is older than the connection in question.
-        if !peer.ip().is_loopback() || self.read_ns >= accepted_ns {
+        // Reading /proc for every accepted loopback connection costs more than all the rest
+        // of the agent's work under load; once the kernel side reports the agent's connects
+        // it is not needed (an accept seen before its connect's report is undone then).
+        if self.reported_by_kernel || !peer.ip().is_loopback() || self.read_ns >= accepted_ns {
             return false;
         }
         self.refresh();

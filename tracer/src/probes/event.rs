@@ -97,7 +97,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 pipe: bytes[OFF_ROLE] == tracer_common::role::PIPE,
             }))
         }
-        kind::CONNECT | kind::ACCEPT | kind::CLOSE | kind::PIPE => {
+        kind::CONNECT | kind::ACCEPT | kind::CLOSE | kind::PIPE | kind::OWN_CONNECT => {
             Ok(Event::Conn(read(bytes, record_kind)?))
         }
         kind::EXEC | kind::EXIT | kind::FORK => Ok(Event::Proc(read(bytes, record_kind)?)),

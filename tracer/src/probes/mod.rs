@@ -72,6 +72,8 @@ pub struct Probes {
     watched: BpfHashMap<MapData, u32, u8>,
     sockets: BpfHashMap<MapData, u64, SockInfo>,
     counters: PerCpuArray<MapData, u64>,
+    /// `tracer_common::feature` bits the kernel side was loaded with.
+    features: u32,
 }
 
 /// Kernel counters summed over CPUs, indexed by `tracer_common::counter`.
@@ -152,7 +154,14 @@ impl Probes {
             watched,
             sockets,
             counters,
+            features,
         })
+    }
+
+    /// Whether the kernel side reads sockets' local addresses (and reports the agent's own
+    /// connects).
+    pub fn reads_local_addresses(&self) -> bool {
+        self.features & tracer_common::feature::SOCK_LOCAL != 0
     }
 
     /// The ring buffer, handed once to the event loop.

@@ -118,6 +118,15 @@ impl ConnTable {
         self.conns.insert(key, Conn::new(role, peer, ts_ns));
     }
 
+    /// Connections whose other end is `peer`.
+    pub fn keys_with_peer(&self, peer: SocketAddr) -> Vec<ConnKey> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.peer == Some(peer))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     /// Our own address on a connection (from the kernel's socket, or /proc).
     pub fn set_local(&mut self, key: ConnKey, local: Option<SocketAddr>) {
         if let Some(conn) = self.conns.get_mut(&key) {
