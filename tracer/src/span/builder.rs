@@ -71,6 +71,8 @@ pub struct BuilderCounters {
     pub no_response: u64,
     /// SERVER spans made children of the CLIENT span at the other end of their connection.
     pub cross_process_links: u64,
+    /// HTTP/2 streams ended without any decoded header block (no span made).
+    pub h2_headerless: u64,
 }
 
 /// Where a span's resource comes from (the process cache of the agent).
@@ -176,6 +178,18 @@ impl SpanBuilder {
                 peer,
                 stream,
             } => {
+                // A stream of which no header block was decoded says nothing (and on a
+                // connection joined mid-stream it may be another protocol's bytes taken for
+                // frames): no span.
+                if stream.request.headers.is_none() && stream.response.headers.is_none() {
+                    self.counters.h2_headerless += 1;
+                    if let Some(p) = self.pending_h2.remove(&(key, stream.stream_id))
+                        && role == Role::Server
+                    {
+                        deactivate(&mut self.active, key.tgid, p.tid, p.ids.span_id);
+                    }
+                    return;
+                }
                 let span = self.finish_h2(key, role, peer, &stream, resources);
                 out.push(span);
             }

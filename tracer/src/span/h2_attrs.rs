@@ -6,7 +6,10 @@
 
 use std::net::SocketAddr;
 
-use super::model::{AttrValue, SpanKind, SpanStatus};
+use super::{
+    http_attrs,
+    model::{AttrValue, SpanKind, SpanStatus},
+};
 use crate::protocol::http2::{Direction, Http2Stream, StreamEnd};
 
 /// gRPC codes that are the server's fault.
@@ -55,17 +58,6 @@ pub fn span_name(stream: &Http2Stream) -> String {
 
 fn path_of(target: &str) -> &str {
     target.split(['?', '#']).next().unwrap_or(target)
-}
-
-fn authority_host(authority: &str) -> (&str, Option<u16>) {
-    if let Some(rest) = authority.strip_prefix('[') {
-        let (addr, tail) = rest.split_once(']').unwrap_or((rest, ""));
-        return (addr, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
-        _ => (authority, None),
-    }
 }
 
 /// Why the stream ended without both END_STREAMs, as (error.type, description).
@@ -118,33 +110,8 @@ pub fn attributes(
     if let Some(scheme) = stream.scheme() {
         put("url.scheme", AttrValue::Str(scheme.to_string()));
     }
-    if let Some(authority) = stream.authority() {
-        let (h, p) = authority_host(authority);
-        if !h.is_empty() {
-            put("server.address", AttrValue::Str(h.to_string()));
-        }
-        if let Some(p) = p.filter(|_| kind == SpanKind::Server) {
-            put("server.port", AttrValue::Int(i64::from(p)));
-        }
-    } else if kind == SpanKind::Client
-        && let Some(peer) = peer
-    {
-        put("server.address", AttrValue::Str(peer.ip().to_string()));
-    }
-    if let Some(peer) = peer {
-        put(
-            "network.peer.address",
-            AttrValue::Str(peer.ip().to_string()),
-        );
-        put("network.peer.port", AttrValue::Int(i64::from(peer.port())));
-        match kind {
-            SpanKind::Client => put("server.port", AttrValue::Int(i64::from(peer.port()))),
-            _ => {
-                put("client.address", AttrValue::Str(peer.ip().to_string()));
-                put("client.port", AttrValue::Int(i64::from(peer.port())));
-            }
-        }
-    }
+    http_attrs::push_addresses(&mut attrs, kind, stream.authority(), peer);
+    let mut put = |k: &str, v: AttrValue| attrs.push((k.to_string(), v));
     if let Some(ua) = stream
         .request
         .headers

@@ -94,33 +94,8 @@ pub fn attributes(
         "network.protocol.version",
         AttrValue::Str(format!("1.{}", request.minor_version)),
     );
-    if let Some(host) = request.header("host") {
-        let (h, p) = host_and_port(host);
-        if !h.is_empty() {
-            put("server.address", AttrValue::Str(h.to_string()));
-        }
-        if let Some(p) = p.filter(|_| kind == SpanKind::Server) {
-            put("server.port", AttrValue::Int(i64::from(p)));
-        }
-    } else if kind == SpanKind::Client
-        && let Some(peer) = peer
-    {
-        put("server.address", AttrValue::Str(peer.ip().to_string()));
-    }
-    if let Some(peer) = peer {
-        put(
-            "network.peer.address",
-            AttrValue::Str(peer.ip().to_string()),
-        );
-        put("network.peer.port", AttrValue::Int(i64::from(peer.port())));
-        match kind {
-            SpanKind::Client => put("server.port", AttrValue::Int(i64::from(peer.port()))),
-            _ => {
-                put("client.address", AttrValue::Str(peer.ip().to_string()));
-                put("client.port", AttrValue::Int(i64::from(peer.port())));
-            }
-        }
-    }
+    push_addresses(&mut attrs, kind, request.header("host"), peer);
+    let mut put = |k: &str, v: AttrValue| attrs.push((k.to_string(), v));
     if let Some(ua) = request.header("user-agent") {
         put(
             "user_agent.original",
@@ -173,6 +148,44 @@ pub fn attributes(
         attrs.push(("error.type".into(), AttrValue::Str(error_type)));
     }
     (attrs, span_status)
+}
+
+/// server.*, client.* and network.peer.* from the Host header (HTTP/1) or :authority (HTTP/2)
+/// and the connection's peer.
+pub(super) fn push_addresses(
+    attrs: &mut Vec<(String, AttrValue)>,
+    kind: SpanKind,
+    host: Option<&str>,
+    peer: Option<SocketAddr>,
+) {
+    let mut put = |k: &str, v: AttrValue| attrs.push((k.to_string(), v));
+    if let Some(host) = host {
+        let (h, p) = host_and_port(host);
+        if !h.is_empty() {
+            put("server.address", AttrValue::Str(h.to_string()));
+        }
+        if let Some(p) = p.filter(|_| kind == SpanKind::Server) {
+            put("server.port", AttrValue::Int(i64::from(p)));
+        }
+    } else if kind == SpanKind::Client
+        && let Some(peer) = peer
+    {
+        put("server.address", AttrValue::Str(peer.ip().to_string()));
+    }
+    if let Some(peer) = peer {
+        put(
+            "network.peer.address",
+            AttrValue::Str(peer.ip().to_string()),
+        );
+        put("network.peer.port", AttrValue::Int(i64::from(peer.port())));
+        match kind {
+            SpanKind::Client => put("server.port", AttrValue::Int(i64::from(peer.port()))),
+            _ => {
+                put("client.address", AttrValue::Str(peer.ip().to_string()));
+                put("client.port", AttrValue::Int(i64::from(peer.port())));
+            }
+        }
+    }
 }
 
 fn clamp(n: u64) -> i64 {

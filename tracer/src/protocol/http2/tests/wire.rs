@@ -2,22 +2,11 @@
 
 use super::super::hpack::huffman_encode;
 
-pub(super) const DATA: u8 = 0x0;
-pub(super) const HEADERS: u8 = 0x1;
-pub(super) const PRIORITY: u8 = 0x2;
-pub(super) const RST_STREAM: u8 = 0x3;
-pub(super) const SETTINGS: u8 = 0x4;
-pub(super) const PUSH_PROMISE: u8 = 0x5;
-pub(super) const PING: u8 = 0x6;
-pub(super) const GOAWAY: u8 = 0x7;
-pub(super) const WINDOW_UPDATE: u8 = 0x8;
-pub(super) const CONTINUATION: u8 = 0x9;
-
-pub(super) const END_STREAM: u8 = 0x1;
-pub(super) const ACK: u8 = 0x1;
-pub(super) const END_HEADERS: u8 = 0x4;
-pub(super) const PADDED: u8 = 0x8;
-pub(super) const PRIORITY_FLAG: u8 = 0x20;
+// The frame layer's own constants: a test that builds frames speaks the same numbers.
+pub(super) use super::super::frame::{
+    ACK, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PADDED, PING, PRIORITY,
+    PRIORITY_FLAG, PUSH_PROMISE, RST_STREAM, SETTINGS, WINDOW_UPDATE,
+};
 
 pub(super) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = (payload.len() as u32).to_be_bytes();
