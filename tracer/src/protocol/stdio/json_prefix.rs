@@ -175,11 +175,13 @@ impl Scanner<'_, '_> {
             b'"' => {
                 self.i += 1;
                 match slot {
-                    Some(slot) => {
+                    // The first occurrence of a duplicated key wins: what a cut-off line
+                    // shows must not change once more of it is seen.
+                    Some(slot) if self.values[slot].is_none() => {
                         let text = self.string_body(MAX_VALUE)?;
                         self.values[slot] = Some(text);
                     }
-                    None => self.skip_string_body()?,
+                    _ => self.skip_string_body()?,
                 }
                 Ok(())
             }
@@ -206,6 +208,7 @@ impl Scanner<'_, '_> {
                 // null reads as absent, so it cannot be told from the string "null".
                 if let Some(slot) = slot
                     && literal != b"null"
+                    && self.values[slot].is_none()
                 {
                     self.values[slot] = Some(String::from_utf8_lossy(literal).into_owned());
                 }
@@ -339,6 +342,14 @@ mod tests {
         let s = scan(line, &WANTED);
         assert_eq!(get(&s, 0), Some("1.5e3"));
         assert_eq!(get(&s, 2), None);
+    }
+
+    #[test]
+    fn a_duplicated_key_keeps_its_first_value() {
+        // Found by the fuzzer: the whole line and a cut of it must agree.
+        let line = br#"{"event":"request","session_id":"s","event":"backwards_response"}"#;
+        assert_eq!(get(&scan(line, &WANTED), 0), Some("request"));
+        assert_eq!(get(&scan(&line[..30], &WANTED), 0), Some("request"));
     }
 
     #[test]
