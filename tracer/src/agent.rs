@@ -117,6 +117,19 @@ impl ProcessCache {
                 .map_or_else(|| format!("pid-{tgid}"), str::to_string),
             ..Default::default()
         });
+        self.resource_of(&facts)
+    }
+
+    /// Names a process that was just read from /proc (adoption at start reads them all).
+    fn ensure_from_facts(&mut self, facts: &procfs::ProcFacts) {
+        if !self.known.contains_key(&facts.tgid) {
+            let resource = self.resource_of(facts);
+            self.known.insert(facts.tgid, resource);
+        }
+    }
+
+    fn resource_of(&self, facts: &procfs::ProcFacts) -> Arc<ProcessResource> {
+        let tgid = facts.tgid;
         debug!(tgid, ?facts, "naming process");
         let executable_name = facts
             .exe
@@ -124,11 +137,11 @@ impl ProcessCache {
             .and_then(|p| p.file_name())
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| facts.comm.clone());
-        let service_name = match plugin_runtime::identify(&facts) {
-            Some(plugin) if naming::by_rule(&facts, &self.rules).is_none() => {
+        let service_name = match plugin_runtime::identify(facts) {
+            Some(plugin) if naming::by_rule(facts, &self.rules).is_none() => {
                 plugin.service_name(&self.daemon_service(facts.ppid))
             }
-            _ => naming::service_name(&facts, &self.rules),
+            _ => naming::service_name(facts, &self.rules),
         };
         Arc::new(ProcessResource {
             service_name,
@@ -576,7 +589,9 @@ impl Agent {
                 self.probes.watch(tgid);
                 // Named now: a process that exits before its first record is read (a
                 // recycled worker) would otherwise be gone from /proc.
-                self.procs.ensure(tgid);
+                if let Some(facts) = procs.iter().find(|p| p.tgid == tgid) {
+                    self.procs.ensure_from_facts(facts);
+                }
             }
             let fds = procfs::socket_fds(tgid);
             if fds.is_empty() {

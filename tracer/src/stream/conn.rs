@@ -138,20 +138,7 @@ impl Conn {
 
     /// Checks a record's sequence number; returns how many records before it were lost.
     pub fn check_seq(&mut self, seq: u32) -> u32 {
-        let lost = match self.next_seq {
-            None => 0,
-            Some(expected) => {
-                let ahead = seq.wrapping_sub(expected);
-                // Far "ahead" means behind: a record reordered between two threads writing
-                // the same socket, not a loss.
-                if ahead >= 1 << 31 {
-                    return 0;
-                }
-                ahead
-            }
-        };
-        self.next_seq = Some(seq.wrapping_add(1));
-        lost
+        records_lost(&mut self.next_seq, seq)
     }
 
     /// Records were lost: both directions end what they had and wait for a clean start.
@@ -181,6 +168,25 @@ impl Conn {
         }
         self.not_http || self.requests.is_not_http() || self.responses.is_not_http()
     }
+}
+
+/// Checks a record's per-fd sequence number against the expected one (None: anything goes,
+/// the start was not seen) and advances it; returns how many records before it were lost.
+pub fn records_lost(next_seq: &mut Option<u32>, seq: u32) -> u32 {
+    let lost = match *next_seq {
+        None => 0,
+        Some(expected) => {
+            let ahead = seq.wrapping_sub(expected);
+            // Far "ahead" means behind: a record reordered between two threads writing the
+            // same fd, not a loss.
+            if ahead >= 1 << 31 {
+                return 0;
+            }
+            ahead
+        }
+    };
+    *next_seq = Some(seq.wrapping_add(1));
+    lost
 }
 
 /// Whether the first bytes of a connection say HTTP/2, and how to start its parser. `role`

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::{ConnKey, table::StreamEvent};
+use super::{ConnKey, conn::records_lost, table::StreamEvent};
 use crate::protocol::{
     http1::ChunkTs,
     stdio::{Kind, StdioStream},
@@ -122,13 +122,11 @@ impl PipeTable {
             return PipeVerdict::Mute;
         }
         pipe.last_seen_ns = ts.exit_ns;
-        if let Some(want) = pipe.next_seq
-            && seq != want
-        {
-            self.counters.lost_records += u64::from(seq.wrapping_sub(want));
+        let lost = records_lost(&mut pipe.next_seq, seq);
+        if lost > 0 {
+            self.counters.lost_records += u64::from(lost);
             pipe.stream.gap(0, ts, tid);
         }
-        pipe.next_seq = Some(seq.wrapping_add(1));
         pipe.bytes += total_len;
         pipe.stream
             .feed(captured, total_len, ts, tid, &mut self.lines);
