@@ -40,7 +40,30 @@ pub mod kind {
     /// A connect() of the agent itself (its exports), with the local address: a traced
     /// collector that accepts from there must not be traced (no feedback loop).
     pub const OWN_CONNECT: u8 = 9;
+    /// A Go uprobe fired (see `go_op`).
+    pub const GO: u8 = 10;
 }
+
+/// What a `GoEvent` reports.
+pub mod go_op {
+    /// `net/http.serverHandler.ServeHTTP` entered: `g` starts serving `method` `text` (path).
+    pub const SERVER_START: u8 = 1;
+    /// `net/http.(*persistConn).roundTrip` entered on `g`; `value` is the connection's fd.
+    pub const CLIENT_START: u8 = 3;
+    /// `runtime.newproc1` returned: goroutine `g` created goroutine `other`.
+    pub const SPAWN: u8 = 4;
+    /// gin matched a route for the request `g` serves; `text` is the route template.
+    pub const ROUTE: u8 = 5;
+}
+
+/// Bytes of a path or route copied into a `GoEvent`.
+pub const GO_TEXT: usize = 128;
+/// Go binaries with uprobes at once (each has its own field offsets).
+pub const MAX_GO_BINARIES: u32 = 256;
+/// Goroutines between a hook's entry and its RET probe at once.
+pub const MAX_GO_INFLIGHT: u32 = 16384;
+/// An unknown field offset in `GoOffsets`: the hooks that need it do nothing.
+pub const GO_OFFSET_UNKNOWN: u32 = u32::MAX;
 
 /// Direction of a data event relative to the process that made the syscall.
 pub mod direction {
@@ -72,6 +95,8 @@ pub mod feature {
     pub const FOLLOW_PIPES: u32 = 2;
     /// Sockets' local addresses are read at accept/connect (needs FD_WALK).
     pub const SOCK_LOCAL: u32 = 4;
+    /// Data records carry the Go goroutine (register r14 at syscall entry).
+    pub const GO_GOROUTINES: u32 = 8;
 }
 
 /// Indexes into the per-CPU drop counter array.
@@ -96,7 +121,13 @@ pub mod counter {
     pub const FD_WALK_FAILED: u32 = 8;
     /// The map of unfollowed fds refused an insert.
     pub const OTHER_FD_MAP_FULL: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// A Go uprobe event could not be reserved in the ring buffer.
+    pub const GO_RESERVE_FAILED: u32 = 10;
+    /// Go uprobe events produced.
+    pub const GO_EVENTS: u32 = 11;
+    /// A Go hook's entry state could not be saved for its RET probe (map full).
+    pub const GO_INFLIGHT_FULL: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// One syscall's (or one iovec's) bytes on a socket.
@@ -124,6 +155,9 @@ pub struct DataEvent {
     /// Per-socket sequence number of data records, counted also for records that could not
     /// be written, so user space can tell that a record of this connection was lost.
     pub seq: u32,
+    /// The Go goroutine (runtime.g pointer, from r14) that made the syscall when the process
+    /// is a Go binary with uprobes and GO_GOROUTINES is on; meaningless otherwise.
+    pub goroutine: u64,
     pub buf: [u8; MAX_CAPTURE],
 }
 
@@ -178,6 +212,65 @@ pub struct ProcEvent {
     pub comm: [u8; 16],
 }
 
+/// A Go uprobe's report.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GoEvent {
+    pub kind: u8,
+    /// `go_op`.
+    pub op: u8,
+    /// Bytes of `method` used.
+    pub method_len: u8,
+    pub _pad: u8,
+    pub tgid: u32,
+    pub tid: u32,
+    /// By `op`: the status (SERVER_END), the fd (CLIENT_START).
+    pub value: i32,
+    pub ts_ns: u64,
+    /// The goroutine (runtime.g pointer) the hook ran on; the parent for SPAWN.
+    pub g: u64,
+    /// The new goroutine (SPAWN).
+    pub other: u64,
+    /// Bytes of `text` used, and the string's real length.
+    pub text_len: u32,
+    pub text_total: u32,
+    pub method: [u8; 16],
+    /// The path (SERVER_START) or route template (ROUTE).
+    pub text: [u8; GO_TEXT],
+}
+
+/// Field offsets of one Go binary, indexed by the attach cookie of its uprobes;
+/// `GO_OFFSET_UNKNOWN` where the binary's layout is not known.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GoOffsets {
+    pub request_method: u32,
+    pub request_url: u32,
+    pub url_path: u32,
+    pub persist_conn_conn: u32,
+    pub persist_conn_tls_state: u32,
+    pub net_conn_fd: u32,
+    pub net_fd_pfd: u32,
+    pub poll_fd_sysfd: u32,
+    pub gin_context_full_path: u32,
+}
+
+impl Default for GoOffsets {
+    fn default() -> Self {
+        Self {
+            request_method: GO_OFFSET_UNKNOWN,
+            request_url: GO_OFFSET_UNKNOWN,
+            url_path: GO_OFFSET_UNKNOWN,
+            persist_conn_conn: GO_OFFSET_UNKNOWN,
+            persist_conn_tls_state: GO_OFFSET_UNKNOWN,
+            net_conn_fd: GO_OFFSET_UNKNOWN,
+            net_fd_pfd: GO_OFFSET_UNKNOWN,
+            poll_fd_sysfd: GO_OFFSET_UNKNOWN,
+            gin_context_full_path: GO_OFFSET_UNKNOWN,
+        }
+    }
+}
+
 /// Value of the socket map.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -199,4 +292,6 @@ pub const fn sock_key(tgid: u32, fd: i32) -> u64 {
 mod pod {
     // SAFETY: plain repr(C) data without padding-dependent invariants.
     unsafe impl aya::Pod for super::SockInfo {}
+    // SAFETY: plain repr(C) u32 fields.
+    unsafe impl aya::Pod for super::GoOffsets {}
 }

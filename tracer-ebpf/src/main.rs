@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod go;
 mod process;
 mod syscalls;
 mod util;

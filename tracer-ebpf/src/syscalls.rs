@@ -24,7 +24,7 @@ use tracer_common::{
 
 use crate::util::{
     EVENTS, FdWalk, INFLIGHT, Inflight, OTHER_FDS, SCRATCH, SOCKETS, bump, current_if_watched,
-    current_is_agent, fd_walk, follow_pipes, sock_walk, wakeup_flags,
+    current_is_agent, fd_walk, follow_pipes, go_goroutines, sock_walk, wakeup_flags,
 };
 
 /// What the saved pointer of an in-flight syscall points at.
@@ -65,6 +65,7 @@ mod nr {
 /// and of orig_ax (the syscall number, still there at exit).
 const PT_REGS_ARGS: [usize; 4] = [112, 104, 96, 56];
 const PT_REGS_ORIG_AX: usize = 120;
+const PT_REGS_R14: usize = 8;
 
 #[inline(always)]
 fn read_regs_u64(regs: u64, offset: usize) -> u64 {
@@ -278,6 +279,7 @@ fn inflight(op: u8, dir: u8, fd: i32, ptr: u64, len: u64) -> Inflight {
         port: 0,
         _pad2: 0,
         addr: [0; 16],
+        goroutine: 0,
     }
 }
 
@@ -299,7 +301,12 @@ fn enter_data(regs: u64, op: u8, dir: u8, peek_flags_arg: Option<usize>, may_be_
     }
     let ptr = read_regs_u64(regs, PT_REGS_ARGS[1]);
     let len = read_regs_u64(regs, PT_REGS_ARGS[2]);
-    save(id, &inflight(op, dir, fd, ptr, len));
+    let mut saved = inflight(op, dir, fd, ptr, len);
+    if go_goroutines() {
+        // Go keeps the running goroutine in r14 and its syscall stubs leave it there.
+        saved.goroutine = read_regs_u64(regs, PT_REGS_R14);
+    }
+    save(id, &saved);
 }
 
 /// The taken in-flight record of the current thread, if any.
@@ -357,6 +364,7 @@ fn emit_chunk(id: u64, saved: &Inflight, key: u64, src: u64, total: u64, chunk: 
         (*ev).cgroup_id = bpf_get_current_cgroup_id();
         (*ev).total_len = total;
         (*ev).seq = seq;
+        (*ev).goroutine = saved.goroutine;
         if captured > 0 {
             let dst = (*ev).buf.as_mut_ptr() as *mut core::ffi::c_void;
             let size = bounded(captured);

@@ -91,6 +91,11 @@ fn feature(bit: u32) -> bool {
 }
 
 #[inline(always)]
+pub fn go_goroutines() -> bool {
+    feature(tracer_common::feature::GO_GOROUTINES)
+}
+
+#[inline(always)]
 pub fn follow_pipes() -> bool {
     feature(tracer_common::feature::FOLLOW_PIPES)
 }
@@ -215,6 +220,8 @@ pub struct Inflight {
     pub port: u16,
     pub _pad2: u32,
     pub addr: [u8; 16],
+    /// r14 at entry: the goroutine, for Go processes.
+    pub goroutine: u64,
 }
 
 #[map]

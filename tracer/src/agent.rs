@@ -9,24 +9,30 @@ use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
-use tracer_common::{ConnEvent, ProcEvent, counter, kind, role};
+use tracer_common::{ConnEvent, ProcEvent, counter, go_op, kind, role};
 use tracing::{debug, info, warn};
 
 use crate::{
     config::Config,
-    discover::{naming, plugin_runtime, procfs, selection::Selection, self_sockets::SelfSockets},
+    discover::{
+        go_binaries::{GoBinaries, Inspected},
+        gobin::GoVersion,
+        naming, plugin_runtime, procfs,
+        selection::Selection,
+        self_sockets::SelfSockets,
+    },
     export::{ExportConfig, Exporter},
     probes::{
         KernelSelection, Probes,
-        event::{self, DataChunk, Event},
+        event::{self, DataChunk, Event, GoRecord},
     },
     protocol::http1::ChunkTs,
     span::{
-        builder::{ResourceSource, SpanBuilder},
+        builder::{GoFact, ResourceSource, SpanBuilder},
         clock::{Clock, monotonic_ns},
         model::{FinishedSpan, ProcessResource},
     },
-    stream::{ConnKey, ConnTable, PipeTable, PipeVerdict, Role, StreamEvent},
+    stream::{ConnKey, ConnTable, PipeTable, PipeVerdict, Role, StreamEvent, goroutine_ctx},
 };
 
 /// Records handled before the loop looks at timers and signals again.
@@ -201,6 +207,7 @@ pub struct Agent {
     builder: SpanBuilder,
     procs: ProcessCache,
     own_sockets: SelfSockets,
+    go: GoBinaries,
     exporter: Exporter,
     counters: AgentCounters,
     stream_events: Vec<StreamEvent>,
@@ -215,6 +222,7 @@ impl Agent {
             Ok(Event::Data(chunk)) => self.on_data(&chunk),
             Ok(Event::Conn(conn)) => self.on_conn(&conn),
             Ok(Event::Proc(proc_event)) => self.on_proc(&proc_event),
+            Ok(Event::Go(record)) => self.on_go(record),
             Err(err) => {
                 self.counters.decode_errors += 1;
                 debug!(%err, "undecodable ring buffer record");
@@ -225,6 +233,11 @@ impl Agent {
 
     fn on_data(&mut self, chunk: &DataChunk<'_>) {
         self.procs.ensure(chunk.tgid);
+        let ctx = if chunk.goroutine != 0 && self.go.is_hooked(chunk.tgid) {
+            goroutine_ctx(chunk.goroutine)
+        } else {
+            u64::from(chunk.tid)
+        };
         let key = ConnKey {
             tgid: chunk.tgid,
             fd: chunk.fd,
@@ -237,7 +250,7 @@ impl Agent {
         if chunk.pipe {
             let verdict = self.pipes.data(
                 key,
-                chunk.tid,
+                ctx,
                 chunk.ingress,
                 chunk.captured,
                 chunk.total_len,
@@ -252,7 +265,7 @@ impl Agent {
         }
         self.conns.data(
             key,
-            chunk.tid,
+            ctx,
             chunk.ingress,
             chunk.captured,
             chunk.total_len,
@@ -325,6 +338,8 @@ impl Agent {
                 self.procs.forget(proc_event.tgid);
                 self.procs.ensure(proc_event.tgid);
                 if self.selection.exes.is_empty() {
+                    // Only watched processes report their exec.
+                    self.go.note_process(proc_event.tgid);
                     return;
                 }
                 if let Some(facts) = procfs::read_process(proc_event.tgid)
@@ -332,11 +347,14 @@ impl Agent {
                 {
                     info!(pid = facts.tgid, comm = %facts.comm, "watching new process");
                     self.probes.watch(facts.tgid);
+                    self.go.note_process(facts.tgid);
                 }
             }
-            kind::FORK => self
-                .procs
-                .note_fork(proc_event.tgid, proc_event.parent_tgid),
+            kind::FORK => {
+                self.procs
+                    .note_fork(proc_event.tgid, proc_event.parent_tgid);
+                self.go.note_fork(proc_event.tgid, proc_event.parent_tgid);
+            }
             kind::EXIT => {
                 let fds =
                     self.conns
@@ -354,8 +372,119 @@ impl Agent {
                 );
                 self.export_spans();
                 self.procs.forget(proc_event.tgid);
+                self.go.forget_process(proc_event.tgid);
             }
             _ => {}
+        }
+    }
+
+    fn on_go(&mut self, record: GoRecord) {
+        let GoRecord {
+            op,
+            tgid,
+            g,
+            other,
+            value,
+            method,
+            text,
+            ..
+        } = record;
+        let fact = match op {
+            go_op::SERVER_START => GoFact::HandlerStart {
+                tgid,
+                g,
+                method,
+                path: text,
+            },
+            go_op::SPAWN => GoFact::Spawn {
+                tgid,
+                parent: g,
+                child: other,
+            },
+            go_op::CLIENT_START => GoFact::ClientStart { tgid, g, fd: value },
+            go_op::ROUTE if !record.text_truncated => GoFact::Route {
+                tgid,
+                g,
+                route: text,
+            },
+            _ => return,
+        };
+        self.builder.on_go(fact);
+    }
+
+    /// The worker's verdict on an executable: a supported Go binary gets its uprobes, and
+    /// the processes running it switch to goroutine contexts.
+    fn on_inspected(&mut self, inspected: Inspected) {
+        let Inspected { file, path, result } = inspected;
+        let binary = match result {
+            Ok(Some(binary)) => binary,
+            Ok(None) => {
+                self.go.settle(file, false);
+                return;
+            }
+            Err(err) => {
+                warn!(path = %path.display(), %err, "cannot read Go binary facts; its processes are linked by thread");
+                self.go.counters.unhooked += 1;
+                self.go.settle(file, false);
+                return;
+            }
+        };
+        let version = binary.info.go_version;
+        if !version.is_some_and(GoVersion::supported) {
+            warn!(
+                path = %path.display(),
+                go = %binary.info.go_version_raw,
+                "Go binary outside the supported range go1.19 .. go1.27: no uprobes, syscall capture only (linked by thread)"
+            );
+            self.go.counters.unhooked += 1;
+            self.go.settle(file, false);
+            return;
+        }
+        // The process the path named may be gone; any process still running the file will do.
+        let target = std::iter::once(path.clone())
+            .chain(
+                self.go
+                    .waiting(file)
+                    .iter()
+                    .map(|t| std::path::PathBuf::from(format!("/proc/{t}/exe"))),
+            )
+            .find(|p| p.exists())
+            .unwrap_or(path);
+        let missing: Vec<String> = binary
+            .offsets
+            .missing(&binary.info)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        match self.probes.attach_go(&target, &binary) {
+            Some(Ok(attached)) if !attached.hooks.is_empty() => {
+                info!(
+                    offsets_missing = ?missing,
+                    binary = %target.display(),
+                    go = %binary.info.go_version_raw,
+                    module = %binary.info.main_module,
+                    stripped = binary.stripped,
+                    dwarf = binary.has_dwarf,
+                    hooks = ?attached.hooks,
+                    skipped = ?attached.skipped,
+                    "Go uprobes attached"
+                );
+                let tgids = self.go.settle(file, true);
+                debug!(?tgids, "processes now linked by goroutine");
+            }
+            Some(Ok(attached)) => {
+                warn!(binary = %target.display(), skipped = ?attached.skipped, offsets_missing = ?missing, "no Go hook could be attached");
+                self.go.counters.unhooked += 1;
+                self.go.settle(file, false);
+            }
+            Some(Err(err)) => {
+                warn!(binary = %target.display(), "attaching Go uprobes failed: {err:#}");
+                self.go.counters.unhooked += 1;
+                self.go.settle(file, false);
+            }
+            None => {
+                self.go.settle(file, false);
+            }
         }
     }
 
@@ -417,8 +546,9 @@ impl Agent {
         let b = &self.builder.counters;
         let p = &self.pipes.counters;
         let inv = &self.builder.plugins.counters;
+        let g = &self.builder.goroutines.counters;
         info!(
-            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} h2_conns={} h2_streams={} h2_errors={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} cross_process_links={} h2_headerless={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={}",
+            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} h2_conns={} h2_streams={} h2_errors={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} cross_process_links={} h2_headerless={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={} go_binaries={} go_unhooked={} go_events={} go_dropped={} go_inflight_full={} go_spawns={} go_client_starts={} go_client_owned={} go_routes={} go_handler_starts={} go_handler_rebound={} go_evicted={}",
             self.counters.spans,
             export.spans_dropped,
             k[counter::COPY_FAILED as usize],
@@ -456,6 +586,18 @@ impl Agent {
             self.builder.plugins.open_len(),
             inv.orphan_events,
             inv.adopted,
+            self.go.counters.hooked,
+            self.go.counters.unhooked,
+            k[counter::GO_EVENTS as usize],
+            k[counter::GO_RESERVE_FAILED as usize],
+            k[counter::GO_INFLIGHT_FULL as usize],
+            g.spawns,
+            g.client_starts,
+            g.client_owned,
+            g.routes,
+            g.handler_starts,
+            g.handler_rebound,
+            g.evicted,
         );
     }
 }
@@ -470,6 +612,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         comms: selection.comms.clone(),
         emit_exec: !selection.exes.is_empty(),
         follow_pipes: config.follow_pipes,
+        go_uprobes: config.go_uprobes,
     };
     let mut probes = Probes::load(&kernel_selection)?;
     let mut own_sockets = SelfSockets::new();
@@ -485,9 +628,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })
     .context("setting up the exporters")?;
 
+    let (go, mut go_inspected) = GoBinaries::start()?;
     let mut agent = Agent {
         probes,
         selection,
+        go,
         conns: ConnTable::new(),
         pipes: PipeTable::new(),
         builder: SpanBuilder::new(Clock::now()),
@@ -549,6 +694,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 };
                 next_drain = tokio::time::Instant::now() + drain_period;
             }
+            Some(inspected) = go_inspected.recv() => agent.on_inspected(inspected),
             _ = housekeeping.tick() => agent.tick(),
             _ = stats.tick() => agent.log_stats(),
             _ = sigint.recv() => break,
@@ -585,6 +731,7 @@ impl Agent {
         let mut tables: HashMap<String, HashMap<u64, procfs::TcpSocket>> = HashMap::new();
         let now = monotonic_ns();
         for &tgid in &chosen {
+            self.go.note_process(tgid);
             if !trace_all {
                 self.probes.watch(tgid);
                 // Named now: a process that exits before its first record is read (a

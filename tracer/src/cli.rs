@@ -57,6 +57,10 @@ pub struct Cli {
     /// Do not follow pipes (plugin stdio); only sockets are traced.
     #[arg(long)]
     pub no_pipes: bool,
+    /// No uprobes on Go binaries: Go processes are then linked by thread, which goroutines
+    /// make unreliable.
+    #[arg(long)]
+    pub no_go: bool,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     pub log_level: String,

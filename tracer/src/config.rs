@@ -20,6 +20,8 @@ pub struct Config {
     pub stats_interval_secs: u64,
     /// Follow pipes as well as sockets (plugin stdio).
     pub follow_pipes: bool,
+    /// Put uprobes on Go binaries.
+    pub go_uprobes: bool,
 }
 
 impl Config {
@@ -44,6 +46,7 @@ impl Config {
             ready_file: cli.ready_file.clone(),
             stats_interval_secs: cli.stats_interval,
             follow_pipes: !cli.no_pipes,
+            go_uprobes: !cli.no_go,
         })
     }
 }

@@ -7,6 +7,7 @@
 mod agent;
 mod bench;
 mod fuzz;
+mod go_offsets;
 mod setup;
 mod testing;
 mod util;
@@ -39,15 +40,21 @@ COMMANDS:
         setup --with-test-deps, fmt check, clippy, build the release agent, run the tests.
         This is what CI runs. TEST ARGS go to the test binaries (a name filter, say).
     bench [--duration SECS] [--rounds N] [--connections C] [--threads T]
-          [--warmup SECS] [--off-only] [--no-docs]
-        Load a gunicorn/Flask server with wrk, alternating rounds without and with the
-        agent (defaults: 10 s, 3 rounds each, 16 connections, 2 threads, 2 s warm-up);
-        print a table and write it into docs/benchmarks.md (not with --no-docs).
+          [--warmup SECS] [--targets gunicorn,go] [--off-only] [--no-docs]
+        Load each target (gunicorn/Flask sync workers; the Go gin service of
+        tests/fixtures/godaemon calling a Go tool service) with wrk, alternating rounds
+        without and with the agent (defaults: both targets, 10 s, 3 rounds each, 16
+        connections, 2 threads, 2 s warm-up); print a table per target and write it into
+        docs/benchmarks.md (not with --no-docs).
         --off-only runs the baseline alone (no agent, no root, docs untouched).
     fuzz [--seconds N]
         Run every parser's fuzz target (tracer/fuzz: http1, http2, stdio) for N seconds
         each (default 60) with cargo-fuzz on the pinned nightly; installs cargo-fuzz when
         missing. `test` runs it for 20 s each.
+    go-offsets
+        Regenerate tracer/src/discover/gobin/offsets_table.json: build xtask/go-offsets-probe
+        with every Go 1.19-1.27 release the module proxy serves (and each gin version with
+        the newest of each minor) and read the struct offsets from the DWARF (~30-45 min).
     help
         This text.
 ";
@@ -129,6 +136,7 @@ fn real_main() -> Result<()> {
             }
             fuzz::fuzz(seconds)
         }
+        "go-offsets" => go_offsets::go_offsets(),
         "bench" => {
             let mut opts = parse_bench_args(rest)?;
             opts.command_line = format!("cargo xtask bench {}", rest.join(" "))
@@ -186,6 +194,12 @@ fn parse_bench_args(args: &[String]) -> Result<bench::Options> {
             "--connections" => opts.connections = parse_num(name, &value()?)?,
             "--threads" => opts.threads = parse_num(name, &value()?)?,
             "--warmup" => opts.warmup_secs = parse_num(name, &value()?)?,
+            "--targets" => {
+                opts.targets = value()?
+                    .split(',')
+                    .map(bench::Target::parse)
+                    .collect::<Result<Vec<_>>>()?
+            }
             "--off-only" => opts.off_only = true,
             "--no-docs" => opts.write_docs = false,
             other => bail!("bench: unknown option {other:?} (see cargo xtask help)"),

@@ -1,5 +1,7 @@
 //! Which processes to watch, and what they are: /proc scans, exec/exit events, service names.
 
+pub mod go_binaries;
+pub mod gobin;
 pub mod naming;
 pub mod plugin_runtime;
 pub mod procfs;

@@ -7,7 +7,7 @@ use std::{
 };
 
 use thiserror::Error;
-use tracer_common::{ConnEvent, DataEvent, MAX_CAPTURE, ProcEvent, SockAddr, kind};
+use tracer_common::{ConnEvent, DataEvent, GoEvent, MAX_CAPTURE, ProcEvent, SockAddr, kind};
 
 /// One socket data chunk, borrowing the captured bytes from the ring buffer.
 #[derive(Debug, Clone, Copy)]
@@ -28,13 +28,33 @@ pub struct DataChunk<'a> {
     pub seq: u32,
     /// Whether the fd is a pipe (else a socket).
     pub pipe: bool,
+    /// The goroutine that made the syscall, when the process is Go (else meaningless).
+    pub goroutine: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+/// A Go uprobe's report (see `tracer_common::go_op`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GoRecord {
+    pub op: u8,
+    pub tgid: u32,
+    pub tid: u32,
+    pub ts_ns: u64,
+    pub g: u64,
+    pub other: u64,
+    pub value: i32,
+    pub method: String,
+    /// The path or route, lossy UTF-8, at most GO_TEXT bytes of it.
+    pub text: String,
+    /// `text` is a prefix of a longer string.
+    pub text_truncated: bool,
+}
+
+#[derive(Debug, Clone)]
 pub enum Event<'a> {
     Data(DataChunk<'a>),
     Conn(ConnEvent),
     Proc(ProcEvent),
+    Go(GoRecord),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -95,12 +115,30 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 captured: &bytes[buf_start..buf_end],
                 seq: u32_at(OFF_SEQ),
                 pipe: bytes[OFF_ROLE] == tracer_common::role::PIPE,
+                goroutine: u64_at(OFF_GOROUTINE),
             }))
         }
         kind::CONNECT | kind::ACCEPT | kind::CLOSE | kind::PIPE | kind::OWN_CONNECT => {
             Ok(Event::Conn(read(bytes, record_kind)?))
         }
         kind::EXEC | kind::EXIT | kind::FORK => Ok(Event::Proc(read(bytes, record_kind)?)),
+        kind::GO => {
+            let ev: GoEvent = read(bytes, record_kind)?;
+            let method_len = usize::from(ev.method_len).min(ev.method.len());
+            let text_len = (ev.text_len as usize).min(ev.text.len());
+            Ok(Event::Go(GoRecord {
+                op: ev.op,
+                tgid: ev.tgid,
+                tid: ev.tid,
+                ts_ns: ev.ts_ns,
+                g: ev.g,
+                other: ev.other,
+                value: ev.value,
+                method: String::from_utf8_lossy(&ev.method[..method_len]).into_owned(),
+                text: String::from_utf8_lossy(&ev.text[..text_len]).into_owned(),
+                text_truncated: ev.text_total as usize > text_len,
+            }))
+        }
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
@@ -116,6 +154,7 @@ const OFF_CGROUP: usize = std::mem::offset_of!(DataEvent, cgroup_id);
 const OFF_TOTAL: usize = std::mem::offset_of!(DataEvent, total_len);
 const OFF_CAPTURED: usize = std::mem::offset_of!(DataEvent, captured_len);
 const OFF_SEQ: usize = std::mem::offset_of!(DataEvent, seq);
+const OFF_GOROUTINE: usize = std::mem::offset_of!(DataEvent, goroutine);
 const OFF_BUF: usize = std::mem::offset_of!(DataEvent, buf);
 
 /// A kernel address record as a std address; None when the family is unknown.

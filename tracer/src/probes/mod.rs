@@ -2,6 +2,7 @@
 
 pub mod btf;
 pub mod event;
+pub mod go;
 pub mod tracefs;
 
 use std::os::fd::AsRawFd as _;
@@ -38,6 +39,8 @@ pub struct KernelSelection {
     pub emit_exec: bool,
     /// Follow pipes and FIFOs (plugin stdio) as well as sockets.
     pub follow_pipes: bool,
+    /// Put uprobes on Go binaries (goroutine-aware linking, routes).
+    pub go_uprobes: bool,
 }
 
 /// The kernel struct offsets for walking an fd to its inode (pipes) and to its socket's
@@ -66,8 +69,10 @@ fn kernel_offsets() -> (Option<btf::FdWalkOffsets>, Option<btf::SockOffsets>) {
 
 /// Loaded and attached programs plus handles on the maps user space writes.
 pub struct Probes {
-    /// Kept alive: dropping it detaches everything.
-    _ebpf: Ebpf,
+    /// Kept alive: dropping it detaches everything. Go uprobes are attached later, per
+    /// binary.
+    ebpf: Ebpf,
+    go: Option<go::GoAttacher>,
     ring: Option<RingBuf<MapData>>,
     watched: BpfHashMap<MapData, u32, u8>,
     sockets: BpfHashMap<MapData, u64, SockInfo>,
@@ -99,6 +104,9 @@ impl Probes {
             if sock.is_some() {
                 features |= tracer_common::feature::SOCK_LOCAL;
             }
+        }
+        if selection.go_uprobes {
+            features |= tracer_common::feature::GO_GOROUTINES;
         }
         let walk = walk.unwrap_or_default();
         let sock = sock.unwrap_or_default();
@@ -148,8 +156,14 @@ impl Probes {
             ring_fd = ring.as_raw_fd(),
             "eBPF programs attached"
         );
+        let go = if selection.go_uprobes {
+            Some(go::GoAttacher::new(&mut ebpf)?)
+        } else {
+            None
+        };
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
+            go,
             ring: Some(ring),
             watched,
             sockets,
@@ -162,6 +176,16 @@ impl Probes {
     /// connects).
     pub fn reads_local_addresses(&self) -> bool {
         self.features & tracer_common::feature::SOCK_LOCAL != 0
+    }
+
+    /// Attaches the Go hooks to `binary` (found at `target`); None when Go uprobes are off.
+    pub fn attach_go(
+        &mut self,
+        target: &std::path::Path,
+        binary: &crate::discover::gobin::GoBinary,
+    ) -> Option<anyhow::Result<go::Attached>> {
+        let go = self.go.as_mut()?;
+        Some(go.attach(&mut self.ebpf, target, binary))
     }
 
     /// The ring buffer, handed once to the event loop.

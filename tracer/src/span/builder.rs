@@ -17,9 +17,10 @@ use rand::Rng as _;
 use super::{
     clock::Clock,
     conn_ends::ConnEnds,
+    goroutines::Goroutines,
     h2_attrs,
     http_attrs::{self, Outcome},
-    model::{FinishedSpan, ProcessResource, SpanKind},
+    model::{AttrValue, FinishedSpan, ProcessResource, SpanKind},
     plugin::PluginSessions,
     traceparent,
 };
@@ -28,8 +29,26 @@ use crate::{
         http1::{Http1Message, StartLine},
         http2::Http2Stream,
     },
-    stream::{ConnKey, Role, StreamEvent},
+    stream::{ConnKey, ExecCtx, Role, StreamEvent, goroutine_ctx},
 };
+
+/// What a Go process's uprobes report, as the span layer uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GoFact {
+    /// A handler (`serverHandler.ServeHTTP`) starts on goroutine `g`.
+    HandlerStart {
+        tgid: u32,
+        g: u64,
+        method: String,
+        path: String,
+    },
+    /// `parent` created goroutine `child`.
+    Spawn { tgid: u32, parent: u64, child: u64 },
+    /// Goroutine `g` asks for a request on client connection `fd`.
+    ClientStart { tgid: u32, g: u64, fd: i32 },
+    /// The request goroutine `g` serves matched route template `route`.
+    Route { tgid: u32, g: u64, route: String },
+}
 
 /// Requests waiting for their response on one connection (pipelining depth bound).
 pub const MAX_PENDING_PER_CONN: usize = 64;
@@ -47,7 +66,7 @@ pub struct SpanIds {
 
 struct Pending {
     ids: SpanIds,
-    tid: u32,
+    ctx: ExecCtx,
     request: Box<Http1Message>,
     peer: Option<SocketAddr>,
     /// Paired with the request on the other end of the connection (both ends traced).
@@ -56,7 +75,7 @@ struct Pending {
 
 struct PendingH2 {
     ids: SpanIds,
-    tid: u32,
+    ctx: u64,
     linked: bool,
 }
 
@@ -85,11 +104,12 @@ pub struct SpanBuilder {
     pending: HashMap<ConnKey, (Role, VecDeque<Pending>)>,
     /// HTTP/2 streams whose request headers were seen, by (connection, stream id).
     pending_h2: HashMap<(ConnKey, u32), PendingH2>,
-    /// Open SERVER spans per (tgid, tid), innermost last.
-    active: HashMap<(u32, u32), Vec<SpanIds>>,
+    /// Open SERVER spans per (tgid, ctx), innermost last.
+    active: HashMap<(u32, ExecCtx), Vec<SpanIds>>,
     pub counters: BuilderCounters,
     clock: Option<Clock>,
     pub plugins: PluginSessions,
+    pub goroutines: Goroutines,
     ends: ConnEnds,
 }
 
@@ -119,14 +139,14 @@ impl SpanBuilder {
             StreamEvent::Message {
                 key,
                 role,
-                tid,
+                ctx,
                 peer,
                 local,
                 message,
             } => match message.start_line {
                 StartLine::Request { .. } => {
                     self.ends.note(key, role, local, peer);
-                    self.on_request(key, role, tid, peer, message)
+                    self.on_request(key, role, ctx, peer, message)
                 }
                 StartLine::Response { status, .. } => {
                     if (100..200).contains(&status) && status != 101 {
@@ -145,7 +165,7 @@ impl SpanBuilder {
             StreamEvent::H2Request {
                 key,
                 role,
-                tid,
+                ctx,
                 peer,
                 local,
                 stream_id,
@@ -158,7 +178,7 @@ impl SpanBuilder {
                     Role::Client => None,
                 };
                 let linked = link.is_some();
-                let ids = self.ids_for(key, role, tid, incoming, link);
+                let ids = self.ids_for(key, role, ctx, incoming, link);
                 let linked =
                     linked || (role == Role::Client && self.relink_server_h2(key, stream_id, &ids));
                 if self.pending_h2.len() >= MAX_PENDING_H2 {
@@ -166,11 +186,11 @@ impl SpanBuilder {
                     if let Some(k) = self.pending_h2.keys().next().copied()
                         && let Some(dropped) = self.pending_h2.remove(&k)
                     {
-                        deactivate(&mut self.active, k.0.tgid, dropped.tid, dropped.ids.span_id);
+                        deactivate(&mut self.active, k.0.tgid, dropped.ctx, dropped.ids.span_id);
                     }
                 }
                 self.pending_h2
-                    .insert((key, stream_id), PendingH2 { ids, tid, linked });
+                    .insert((key, stream_id), PendingH2 { ids, ctx, linked });
             }
             StreamEvent::H2Stream {
                 key,
@@ -186,7 +206,7 @@ impl SpanBuilder {
                     if let Some(p) = self.pending_h2.remove(&(key, stream.stream_id))
                         && role == Role::Server
                     {
-                        deactivate(&mut self.active, key.tgid, p.tid, p.ids.span_id);
+                        deactivate(&mut self.active, key.tgid, p.ctx, p.ids.span_id);
                     }
                     return;
                 }
@@ -201,7 +221,7 @@ impl SpanBuilder {
             } => {
                 let thread_parent = self
                     .active
-                    .get(&(key.tgid, line.tid))
+                    .get(&(key.tgid, line.ctx))
                     .and_then(|stack| stack.last())
                     .copied();
                 let clock = self.clock();
@@ -253,17 +273,26 @@ impl SpanBuilder {
         &mut self,
         key: ConnKey,
         role: Role,
-        tid: u32,
+        ctx: ExecCtx,
         peer: Option<SocketAddr>,
         request: Box<Http1Message>,
     ) {
+        // A Go client's request is written by its connection's writer goroutine; the uprobe
+        // on roundTrip named the goroutine that asked for it.
+        let ctx = match role {
+            Role::Client => self
+                .goroutines
+                .take_client_owner(key.tgid, key.fd)
+                .unwrap_or(ctx),
+            Role::Server => ctx,
+        };
         let incoming = request.header("traceparent").and_then(traceparent::parse);
         let link = match role {
             Role::Server => self.client_end_h1(key),
             Role::Client => None,
         };
         let linked = link.is_some();
-        let ids = self.ids_for(key, role, tid, incoming, link);
+        let ids = self.ids_for(key, role, ctx, incoming, link);
         let linked = linked || (role == Role::Client && self.relink_server_h1(key, &ids));
         let (_, queue) = self
             .pending
@@ -274,12 +303,12 @@ impl SpanBuilder {
         {
             self.counters.pending_dropped += 1;
             if role == Role::Server {
-                deactivate(&mut self.active, key.tgid, dropped.tid, dropped.ids.span_id);
+                deactivate(&mut self.active, key.tgid, dropped.ctx, dropped.ids.span_id);
             }
         }
         queue.push_back(Pending {
             ids,
-            tid,
+            ctx,
             request,
             peer,
             linked,
@@ -330,7 +359,7 @@ impl SpanBuilder {
         reactivate(
             &mut self.active,
             server.tgid,
-            pending.tid,
+            pending.ctx,
             old.span_id,
             pending.ids,
         );
@@ -354,7 +383,7 @@ impl SpanBuilder {
         reactivate(
             &mut self.active,
             server.tgid,
-            pending.tid,
+            pending.ctx,
             old.span_id,
             pending.ids,
         );
@@ -369,7 +398,7 @@ impl SpanBuilder {
         &mut self,
         key: ConnKey,
         role: Role,
-        tid: u32,
+        ctx: u64,
         incoming: Option<traceparent::TraceParent>,
         link: Option<SpanIds>,
     ) -> SpanIds {
@@ -391,18 +420,15 @@ impl SpanBuilder {
                     (None, None) => root_ids(),
                 };
                 if self.active.len() < MAX_ACTIVE_THREADS
-                    || self.active.contains_key(&(key.tgid, tid))
+                    || self.active.contains_key(&(key.tgid, ctx))
                 {
-                    self.active.entry((key.tgid, tid)).or_default().push(ids);
+                    self.active.entry((key.tgid, ctx)).or_default().push(ids);
                 }
                 ids
             }
             Role::Client => {
                 let inferred = self
-                    .active
-                    .get(&(key.tgid, tid))
-                    .and_then(|stack| stack.last())
-                    .copied()
+                    .serving(key.tgid, ctx)
                     .or_else(|| self.plugins.context_for(key.tgid));
                 match (inferred, incoming) {
                     (Some(parent), _) => SpanIds {
@@ -424,6 +450,73 @@ impl SpanBuilder {
         }
     }
 
+    /// The SERVER span the execution context `ctx` works for: its own, else (goroutines)
+    /// that of the nearest goroutine up its spawn chain.
+    fn serving(&self, tgid: u32, ctx: ExecCtx) -> Option<SpanIds> {
+        self.goroutines
+            .lineage(tgid, ctx)
+            .into_iter()
+            .find_map(|c| self.active.get(&(tgid, c)).and_then(|stack| stack.last()))
+            .copied()
+    }
+
+    /// A fact from a Go process's uprobes.
+    pub fn on_go(&mut self, fact: GoFact) {
+        match fact {
+            GoFact::Spawn {
+                tgid,
+                parent,
+                child,
+            } => self.goroutines.spawned(tgid, parent, child),
+            GoFact::ClientStart { tgid, g, fd } => self.goroutines.client_start(tgid, fd, g),
+            GoFact::Route { tgid, g, route } => {
+                if let Some(ids) = self
+                    .active
+                    .get(&(tgid, goroutine_ctx(g)))
+                    .and_then(|stack| stack.last())
+                {
+                    self.goroutines.set_route(ids.span_id, route);
+                }
+            }
+            GoFact::HandlerStart {
+                tgid,
+                g,
+                method,
+                path,
+            } => self.handler_started(tgid, goroutine_ctx(g), &method, &path),
+        }
+    }
+
+    /// A Go handler starts on `ctx`. Normally its request was read by the same goroutine and
+    /// is active there already; if another goroutine read the request's last byte, the
+    /// oldest unanswered request of the process with this method and path moves to `ctx`.
+    fn handler_started(&mut self, tgid: u32, ctx: ExecCtx, method: &str, path: &str) {
+        if self.active.contains_key(&(tgid, ctx)) {
+            self.goroutines.counters.handler_starts += 1;
+            return;
+        }
+        let candidate = self
+            .pending
+            .iter_mut()
+            .filter(|(k, (role, _))| k.tgid == tgid && *role == Role::Server)
+            .filter_map(|(_, (_, queue))| queue.front_mut())
+            .filter(|p| p.ctx != ctx && p.ctx & (1 << 63) != 0)
+            .filter(|p| {
+                let (m, full) = http_attrs::method_and_path(&p.request);
+                m == method && full == path
+            })
+            .min_by_key(|p| p.request.first.exit_ns);
+        let Some(pending) = candidate else {
+            return;
+        };
+        let old = pending.ctx;
+        pending.ctx = ctx;
+        let ids = pending.ids;
+        deactivate(&mut self.active, tgid, old, ids.span_id);
+        self.active.entry((tgid, ctx)).or_default().push(ids);
+        self.goroutines.counters.handler_rebound += 1;
+    }
+
     /// The span of an ended HTTP/2 stream.
     fn finish_h2(
         &mut self,
@@ -440,7 +533,7 @@ impl SpanBuilder {
         let ids = match self.pending_h2.remove(&(key, stream.stream_id)) {
             Some(p) => {
                 if role == Role::Server {
-                    deactivate(&mut self.active, key.tgid, p.tid, p.ids.span_id);
+                    deactivate(&mut self.active, key.tgid, p.ctx, p.ids.span_id);
                 }
                 p.ids
             }
@@ -538,7 +631,7 @@ impl SpanBuilder {
             Role::Client => SpanKind::Client,
         };
         if role == Role::Server {
-            deactivate(&mut self.active, key.tgid, pending.tid, pending.ids.span_id);
+            deactivate(&mut self.active, key.tgid, pending.ctx, pending.ids.span_id);
         }
         // A server's request starts when it is received; a client's when it starts sending.
         let start_ns = match role {
@@ -546,8 +639,16 @@ impl SpanBuilder {
             Role::Client => pending.request.first.enter_ns,
         };
         let end_ns = end_ns.max(start_ns);
-        let (attributes, status) =
+        let (mut attributes, status) =
             http_attrs::attributes(kind, &pending.request, outcome, pending.peer);
+        let mut name = http_attrs::span_name(&pending.request);
+        if role == Role::Server
+            && let Some(route) = self.goroutines.take_route(&pending.ids.span_id)
+        {
+            let (method, _) = http_attrs::method_and_path(&pending.request);
+            name = format!("{method} {route}");
+            attributes.push(("http.route".into(), AttrValue::Str(route)));
+        }
         let clock = self.clock();
         self.counters.spans += 1;
         FinishedSpan {
@@ -556,7 +657,7 @@ impl SpanBuilder {
             parent_span_id: pending.ids.parent_span_id,
             parent_is_remote: pending.ids.parent_is_remote,
             kind,
-            name: http_attrs::span_name(&pending.request),
+            name,
             start: clock.to_system_time(start_ns),
             end: clock.to_system_time(end_ns),
             attributes,
@@ -572,19 +673,20 @@ impl SpanBuilder {
         self.pending.retain(|k, _| k.tgid != tgid);
         self.pending_h2.retain(|(k, _), _| k.tgid != tgid);
         self.ends.forget_process(tgid);
+        self.goroutines.forget_process(tgid);
     }
 }
 
 fn deactivate(
-    active: &mut HashMap<(u32, u32), Vec<SpanIds>>,
+    active: &mut HashMap<(u32, ExecCtx), Vec<SpanIds>>,
     tgid: u32,
-    tid: u32,
+    ctx: u64,
     span_id: [u8; 8],
 ) {
-    if let Some(stack) = active.get_mut(&(tgid, tid)) {
+    if let Some(stack) = active.get_mut(&(tgid, ctx)) {
         stack.retain(|ids| ids.span_id != span_id);
         if stack.is_empty() {
-            active.remove(&(tgid, tid));
+            active.remove(&(tgid, ctx));
         }
     }
 }
@@ -601,13 +703,13 @@ fn reparented(ids: SpanIds, parent: &SpanIds) -> SpanIds {
 
 /// Replaces the active entry of span `span_id` on a thread by `ids`.
 fn reactivate(
-    active: &mut HashMap<(u32, u32), Vec<SpanIds>>,
+    active: &mut HashMap<(u32, ExecCtx), Vec<SpanIds>>,
     tgid: u32,
-    tid: u32,
+    ctx: u64,
     span_id: [u8; 8],
     ids: SpanIds,
 ) {
-    if let Some(stack) = active.get_mut(&(tgid, tid)) {
+    if let Some(stack) = active.get_mut(&(tgid, ctx)) {
         for entry in stack.iter_mut().filter(|e| e.span_id == span_id) {
             *entry = ids;
         }
@@ -694,7 +796,7 @@ mod tests {
             );
             self.pump(out);
         }
-        fn io(&mut self, key: ConnKey, tid: u32, ingress: bool, bytes: &[u8]) {
+        fn io(&mut self, key: ConnKey, ctx: u64, ingress: bool, bytes: &[u8]) {
             self.now += 1_000;
             let ts = ChunkTs {
                 enter_ns: self.now,
@@ -706,7 +808,7 @@ mod tests {
             *seq += 1;
             self.conns.data(
                 key,
-                tid,
+                ctx,
                 ingress,
                 bytes,
                 bytes.len() as u64,
@@ -788,6 +890,139 @@ mod tests {
             assert_eq!(server.parent_span_id, Some(client.span_id));
             assert_eq!(client.parent_span_id, None);
         }
+    }
+
+    /// Two concurrent Go requests: each handler goroutine spawns a worker that calls out;
+    /// the calls are written by the client connections' writer goroutines on whatever
+    /// thread. The roundTrip and spawn facts put each call under its own request.
+    #[test]
+    fn go_calls_follow_goroutines_not_threads() {
+        let g = goroutine_ctx;
+        let mut w = World::new();
+        let servers = [
+            ConnKey {
+                tgid: 10,
+                fd: 5,
+                conn_id: 1,
+            },
+            ConnKey {
+                tgid: 10,
+                fd: 8,
+                conn_id: 3,
+            },
+        ];
+        let clients = [
+            ConnKey {
+                tgid: 10,
+                fd: 6,
+                conn_id: 2,
+            },
+            ConnKey {
+                tgid: 10,
+                fd: 9,
+                conn_id: 4,
+            },
+        ];
+        for k in servers {
+            w.open(k, Role::Server);
+        }
+        for k in clients {
+            w.open(k, Role::Client);
+        }
+        // Handler goroutines 0x100 / 0x200 read their requests; a background reader
+        // (0x900) took the first byte of the second one.
+        w.io(
+            servers[0],
+            g(0x100),
+            true,
+            b"POST /plugin/a/dispatch/tool/invoke HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        );
+        w.io(servers[1], g(0x900), true, b"P");
+        w.io(
+            servers[1],
+            g(0x200),
+            true,
+            b"OST /plugin/b/dispatch/tool/invoke HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        );
+        for (i, handler) in [0x100u64, 0x200].into_iter().enumerate() {
+            w.builder.on_go(GoFact::HandlerStart {
+                tgid: 10,
+                g: handler,
+                method: "POST".into(),
+                path: format!("/plugin/{}/dispatch/tool/invoke", ["a", "b"][i]),
+            });
+            w.builder.on_go(GoFact::Route {
+                tgid: 10,
+                g: handler,
+                route: "/plugin/:tenant_id/dispatch/tool/invoke".into(),
+            });
+            w.builder.on_go(GoFact::Spawn {
+                tgid: 10,
+                parent: handler,
+                child: handler + 1,
+            });
+        }
+        // The second worker asks first, on the first connection; both requests are written
+        // by one writer goroutine (0x777), which must not matter.
+        w.builder.on_go(GoFact::ClientStart {
+            tgid: 10,
+            g: 0x201,
+            fd: clients[0].fd,
+        });
+        w.io(
+            clients[0],
+            g(0x777),
+            false,
+            b"GET /tool/b HTTP/1.1\r\nHost: t\r\n\r\n",
+        );
+        w.builder.on_go(GoFact::ClientStart {
+            tgid: 10,
+            g: 0x101,
+            fd: clients[1].fd,
+        });
+        w.io(
+            clients[1],
+            g(0x777),
+            false,
+            b"GET /tool/a HTTP/1.1\r\nHost: t\r\n\r\n",
+        );
+        for k in clients {
+            w.io(
+                k,
+                g(0x778),
+                true,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            );
+        }
+        for k in servers {
+            w.io(
+                k,
+                g(0x100),
+                false,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            );
+        }
+        let by_path = |p: &str| {
+            w.spans
+                .iter()
+                .find(|s| {
+                    s.attributes
+                        .iter()
+                        .any(|(k, v)| k == "url.path" && *v == AttrValue::Str(p.into()))
+                })
+                .unwrap_or_else(|| panic!("no span for {p}"))
+        };
+        for t in ["a", "b"] {
+            let server = by_path(&format!("/plugin/{t}/dispatch/tool/invoke"));
+            let client = by_path(&format!("/tool/{t}"));
+            assert_eq!(client.parent_span_id, Some(server.span_id), "tenant {t}");
+            assert_eq!(client.trace_id, server.trace_id);
+            assert_eq!(server.name, "POST /plugin/:tenant_id/dispatch/tool/invoke");
+            assert!(server.attributes.iter().any(|(k, v)| k == "http.route"
+                && *v == AttrValue::Str("/plugin/:tenant_id/dispatch/tool/invoke".into())));
+        }
+        assert_eq!(w.builder.goroutines.counters.client_owned, 2);
+        assert_eq!(w.builder.goroutines.counters.handler_starts, 2);
     }
 
     #[test]

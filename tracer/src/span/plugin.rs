@@ -675,7 +675,7 @@ mod tests {
                 enter_ns: t,
                 exit_ns: t + 1,
             },
-            tid: 1,
+            ctx: 1,
         }
     }
 

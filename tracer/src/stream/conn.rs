@@ -26,7 +26,7 @@ pub enum Role {
 }
 
 /// How many recent chunks per direction remember their thread.
-const TID_HISTORY: usize = 16;
+const CTX_HISTORY: usize = 16;
 
 /// Parsing state of one connection.
 pub struct Conn {
@@ -52,9 +52,9 @@ pub struct Conn {
     pub h2: Option<Box<Http2Conn>>,
     requests: Http1Parser,
     responses: Http1Parser,
-    /// (exit timestamp, tid) of recent chunks per direction: [requests, responses].
-    tids: [[(u64, u32); TID_HISTORY]; 2],
-    tid_next: [usize; 2],
+    /// (exit timestamp, ctx) of recent chunks per direction: [requests, responses].
+    ctxs: [[(u64, u64); CTX_HISTORY]; 2],
+    ctx_next: [usize; 2],
 }
 
 /// Which parser a chunk goes to.
@@ -80,8 +80,8 @@ impl Conn {
             h2: None,
             requests: Http1Parser::new(Side::Request),
             responses: Http1Parser::new(Side::Response),
-            tids: [[(0, 0); TID_HISTORY]; 2],
-            tid_next: [0; 2],
+            ctxs: [[(0, 0); CTX_HISTORY]; 2],
+            ctx_next: [0; 2],
         }
     }
 
@@ -93,11 +93,11 @@ impl Conn {
         }
     }
 
-    /// Remembers which thread moved a chunk of `flow` (see `tid_at`).
-    pub fn note_tid(&mut self, flow: Flow, ts: ChunkTs, tid: u32) {
+    /// Remembers which execution context moved a chunk of `flow` (see `ctx_at`).
+    pub fn note_ctx(&mut self, flow: Flow, ts: ChunkTs, ctx: u64) {
         let slot = flow as usize;
-        self.tids[slot][self.tid_next[slot] % TID_HISTORY] = (ts.exit_ns, tid);
-        self.tid_next[slot] = self.tid_next[slot].wrapping_add(1);
+        self.ctxs[slot][self.ctx_next[slot] % CTX_HISTORY] = (ts.exit_ns, ctx);
+        self.ctx_next[slot] = self.ctx_next[slot].wrapping_add(1);
     }
 
     pub fn feed(
@@ -106,10 +106,10 @@ impl Conn {
         data: &[u8],
         gap: u64,
         ts: ChunkTs,
-        tid: u32,
+        ctx: u64,
         out: &mut Vec<Http1Event>,
     ) {
-        self.note_tid(flow, ts, tid);
+        self.note_ctx(flow, ts, ctx);
         let (parser, other) = match flow {
             Flow::Requests => (&mut self.requests, &mut self.responses),
             Flow::Responses => (&mut self.responses, &mut self.requests),
@@ -124,11 +124,11 @@ impl Conn {
     }
 
     /// The thread that moved the chunk with this exit timestamp (the first byte of a message).
-    pub fn tid_at(&self, flow: Flow, exit_ns: u64) -> Option<u32> {
-        self.tids[flow as usize]
+    pub fn ctx_at(&self, flow: Flow, exit_ns: u64) -> Option<u64> {
+        self.ctxs[flow as usize]
             .iter()
-            .find(|(ts, tid)| *ts == exit_ns && *tid != 0)
-            .map(|(_, tid)| *tid)
+            .find(|(ts, ctx)| *ts == exit_ns && *ctx != 0)
+            .map(|(_, ctx)| *ctx)
     }
 
     /// Responses on this connection answer requests with these methods, in order.

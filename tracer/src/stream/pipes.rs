@@ -103,7 +103,7 @@ impl PipeTable {
     pub fn data(
         &mut self,
         key: ConnKey,
-        tid: u32,
+        ctx: u64,
         ingress: bool,
         captured: &[u8],
         total_len: u64,
@@ -125,11 +125,11 @@ impl PipeTable {
         let lost = records_lost(&mut pipe.next_seq, seq);
         if lost > 0 {
             self.counters.lost_records += u64::from(lost);
-            pipe.stream.gap(0, ts, tid);
+            pipe.stream.gap(0, ts, ctx);
         }
         pipe.bytes += total_len;
         pipe.stream
-            .feed(captured, total_len, ts, tid, &mut self.lines);
+            .feed(captured, total_len, ts, ctx, &mut self.lines);
         for line in self.lines.drain(..) {
             self.counters.lines += 1;
             if line.overlong {

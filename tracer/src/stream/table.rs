@@ -4,6 +4,7 @@ use std::{collections::HashMap, net::SocketAddr};
 
 use tracing::debug;
 
+use super::ExecCtx;
 use super::conn::{Conn, ConnKey, Flow, Role, detect_http2, infer_role};
 use crate::protocol::{
     http1::{ChunkTs, Http1Event, Http1Message, StartLine},
@@ -21,11 +22,12 @@ const MAX_UNKNOWN_CHUNKS: u32 = 4;
 /// What the stream layer hands to the span layer.
 #[derive(Debug, Clone)]
 pub enum StreamEvent {
-    /// A complete HTTP/1.1 message. `tid` is the thread that moved its first byte.
+    /// A complete HTTP/1.1 message. `ctx` moved its last byte (a request) or its first
+    /// (a response).
     Message {
         key: ConnKey,
         role: Role,
-        tid: u32,
+        ctx: ExecCtx,
         peer: Option<SocketAddr>,
         local: Option<SocketAddr>,
         message: Box<Http1Message>,
@@ -35,11 +37,11 @@ pub enum StreamEvent {
     /// Records of the connection were lost (ring buffer full): requests waiting for an
     /// answer end here, since their answer may be among the lost records.
     Lost { key: ConnKey, ts_ns: u64 },
-    /// The request headers of an HTTP/2 stream were decoded. `tid` moved their last byte.
+    /// The request headers of an HTTP/2 stream were decoded. `ctx` moved their last byte.
     H2Request {
         key: ConnKey,
         role: Role,
-        tid: u32,
+        ctx: ExecCtx,
         peer: Option<SocketAddr>,
         local: Option<SocketAddr>,
         stream_id: u32,
@@ -164,7 +166,7 @@ impl ConnTable {
     pub fn data(
         &mut self,
         key: ConnKey,
-        tid: u32,
+        ctx: ExecCtx,
         ingress: bool,
         captured: &[u8],
         total_len: u64,
@@ -230,7 +232,7 @@ impl ConnTable {
                 captured,
                 gap,
                 ts,
-                tid,
+                ctx,
                 out,
             );
             return;
@@ -252,7 +254,7 @@ impl ConnTable {
         let gap = total_len.saturating_sub(captured.len() as u64);
         let mut events = std::mem::take(&mut self.scratch);
         events.clear();
-        conn.feed(flow, captured, gap, ts, tid, &mut events);
+        conn.feed(flow, captured, gap, ts, ctx, &mut events);
         let was_http = !conn.gave_up();
         if !was_http {
             self.counters.not_http += 1;
@@ -370,7 +372,7 @@ fn feed_h2(
     captured: &[u8],
     gap: u64,
     ts: ChunkTs,
-    tid: u32,
+    ctx: u64,
     out: &mut Vec<StreamEvent>,
 ) {
     let Some(role) = conn.role else { return };
@@ -382,7 +384,7 @@ fn feed_h2(
         Direction::ClientToServer => Flow::Requests,
         Direction::ServerToClient => Flow::Responses,
     };
-    conn.note_tid(flow, ts, tid);
+    conn.note_ctx(flow, ts, ctx);
     scratch.clear();
     if let Some(h2) = conn.h2.as_mut() {
         if !captured.is_empty() {
@@ -413,11 +415,13 @@ fn emit_h2(
             ts,
             ..
         } => {
-            let tid = conn.tid_at(Flow::Requests, ts.exit_ns).unwrap_or(key.tgid);
+            let ctx = conn
+                .ctx_at(Flow::Requests, ts.exit_ns)
+                .unwrap_or(u64::from(key.tgid));
             out.push(StreamEvent::H2Request {
                 key,
                 role,
-                tid,
+                ctx,
                 peer: conn.peer,
                 local: conn.local,
                 stream_id,
@@ -504,11 +508,19 @@ fn emit(
             {
                 conn.note_request_method(method);
             }
-            let tid = conn.tid_at(flow, message.first.exit_ns).unwrap_or(key.tgid);
+            // A request is attributed to whoever moved its last byte: a Go server's background
+            // reader may have taken its first byte, while the goroutine that serves it reads
+            // the rest.
+            let ctx = match flow {
+                Flow::Requests => conn.ctx_at(flow, message.last.exit_ns),
+                Flow::Responses => None,
+            }
+            .or_else(|| conn.ctx_at(flow, message.first.exit_ns))
+            .unwrap_or(u64::from(key.tgid));
             out.push(StreamEvent::Message {
                 key,
                 role,
-                tid,
+                ctx,
                 peer: conn.peer,
                 local: conn.local,
                 message: Box::new(message),

@@ -28,8 +28,8 @@ pub struct Line {
     /// Syscall that moved the first byte, and the one that moved the newline.
     pub first: ChunkTs,
     pub last: ChunkTs,
-    /// Thread that moved the first byte.
-    pub tid: u32,
+    /// Execution context (thread, goroutine) that moved the first byte; opaque here.
+    pub ctx: u64,
 }
 
 #[derive(Debug, Default)]
@@ -39,7 +39,7 @@ pub struct LineFramer {
     holes: bool,
     /// A hole was met: later captured bytes of this line are not contiguous with `head`.
     head_closed: bool,
-    first: Option<(ChunkTs, u32)>,
+    first: Option<(ChunkTs, u64)>,
 }
 
 impl LineFramer {
@@ -58,19 +58,19 @@ impl LineFramer {
         captured: &[u8],
         total: u64,
         ts: ChunkTs,
-        tid: u32,
+        ctx: u64,
         out: &mut Vec<Line>,
     ) {
         let mut rest = captured;
         while !rest.is_empty() {
             match rest.iter().position(|b| *b == b'\n') {
                 Some(nl) => {
-                    self.take(&rest[..nl], ts, tid);
+                    self.take(&rest[..nl], ts, ctx);
                     self.end_line(ts, out);
                     rest = &rest[nl + 1..];
                 }
                 None => {
-                    self.take(rest, ts, tid);
+                    self.take(rest, ts, ctx);
                     rest = &[];
                 }
             }
@@ -80,7 +80,7 @@ impl LineFramer {
         }
         let uncaptured = total.saturating_sub(captured.len() as u64);
         if uncaptured > 0 {
-            self.gap(uncaptured, ts, tid);
+            self.gap(uncaptured, ts, ctx);
             if self.len > MAX_LINE {
                 self.cut_overlong(ts, out);
             }
@@ -88,21 +88,21 @@ impl LineFramer {
     }
 
     /// Bytes that were moved but never seen at all (lost records).
-    pub fn gap(&mut self, len: u64, ts: ChunkTs, tid: u32) {
+    pub fn gap(&mut self, len: u64, ts: ChunkTs, ctx: u64) {
         if self.first.is_none() {
-            self.first = Some((ts, tid));
+            self.first = Some((ts, ctx));
         }
         self.len = self.len.saturating_add(len);
         self.holes = true;
         self.head_closed = true;
     }
 
-    fn take(&mut self, bytes: &[u8], ts: ChunkTs, tid: u32) {
+    fn take(&mut self, bytes: &[u8], ts: ChunkTs, ctx: u64) {
         if bytes.is_empty() {
             return;
         }
         if self.first.is_none() {
-            self.first = Some((ts, tid));
+            self.first = Some((ts, ctx));
         }
         if !self.head_closed && self.head.len() < LINE_KEEP {
             let room = LINE_KEEP - self.head.len();
@@ -128,7 +128,7 @@ impl LineFramer {
     }
 
     fn finish(&mut self, ts: ChunkTs, overlong: bool) -> Line {
-        let (first, tid) = self.first.unwrap_or((ts, 0));
+        let (first, ctx) = self.first.unwrap_or((ts, 0));
         let mut head = std::mem::take(&mut self.head);
         if head.last() == Some(&b'\r') && !self.head_closed {
             head.pop();
@@ -140,7 +140,7 @@ impl LineFramer {
             overlong,
             first,
             last: ts,
-            tid,
+            ctx,
         }
     }
 

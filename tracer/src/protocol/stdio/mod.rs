@@ -22,7 +22,7 @@ pub struct StdioLine {
     pub overlong: bool,
     pub first: ChunkTs,
     pub last: ChunkTs,
-    pub tid: u32,
+    pub ctx: u64,
 }
 
 /// One direction of a pipe: bytes in, classified lines out.
@@ -42,16 +42,16 @@ impl StdioStream {
         captured: &[u8],
         total: u64,
         ts: ChunkTs,
-        tid: u32,
+        ctx: u64,
         out: &mut Vec<StdioLine>,
     ) {
-        self.framer.feed(captured, total, ts, tid, &mut self.lines);
+        self.framer.feed(captured, total, ts, ctx, &mut self.lines);
         self.flush(out);
     }
 
     /// Records of this pipe were lost: `len` bytes (or an unknown amount when 0) are missing.
-    pub fn gap(&mut self, len: u64, ts: ChunkTs, tid: u32) {
-        self.framer.gap(len, ts, tid);
+    pub fn gap(&mut self, len: u64, ts: ChunkTs, ctx: u64) {
+        self.framer.gap(len, ts, ctx);
     }
 
     fn flush(&mut self, out: &mut Vec<StdioLine>) {
@@ -63,7 +63,7 @@ impl StdioStream {
                 overlong: line.overlong,
                 first: line.first,
                 last: line.last,
-                tid: line.tid,
+                ctx: line.ctx,
             });
         }
     }

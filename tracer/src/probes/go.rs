@@ -1,0 +1,214 @@
+//! Uprobes on Go binaries: registers a binary's field offsets with the kernel side and
+//! attaches the hooks of `tracer-ebpf/src/go.rs` at its functions' entries and RET
+//! instructions (never uretprobes: they break when Go moves a goroutine's stack).
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
+};
+use tracer_common::{GO_OFFSET_UNKNOWN, GoOffsets, MAX_GO_BINARIES};
+
+use crate::discover::gobin::{Field, GoBinary};
+
+/// Functions hooked, with the program at their entry and the one at their RETs.
+pub const HOOKS: [Hook; 4] = [
+    Hook {
+        function: "net/http.serverHandler.ServeHTTP",
+        entry: "go_serve_enter",
+        ret: None,
+        needs: &[],
+    },
+    Hook {
+        function: "net/http.(*persistConn).roundTrip",
+        entry: "go_roundtrip_enter",
+        ret: None,
+        needs: &[
+            Field::PersistConnConn,
+            Field::PersistConnTlsState,
+            Field::NetConnFd,
+            Field::NetFdPfd,
+            Field::PollFdSysfd,
+        ],
+    },
+    Hook {
+        function: "runtime.newproc1",
+        entry: "go_newproc_enter",
+        ret: Some("go_newproc_ret"),
+        needs: &[],
+    },
+    Hook {
+        function: "github.com/gin-gonic/gin.(*Engine).handleHTTPRequest",
+        entry: "go_gin_enter",
+        ret: Some("go_gin_ret"),
+        needs: &[Field::GinContextFullPath],
+    },
+];
+
+/// One hooked function.
+#[derive(Debug, Clone, Copy)]
+pub struct Hook {
+    pub function: &'static str,
+    pub entry: &'static str,
+    pub ret: Option<&'static str>,
+    /// Offsets without which the hook would read nothing useful.
+    pub needs: &'static [Field],
+}
+
+/// The names of the functions the hooks need, for `gobin::inspect`.
+pub fn wanted_functions() -> Vec<&'static str> {
+    HOOKS.iter().map(|h| h.function).collect()
+}
+
+/// Go binaries registered with the kernel side.
+pub struct GoAttacher {
+    offsets: Array<MapData, GoOffsets>,
+    next_id: u32,
+    loaded: bool,
+}
+
+/// What was attached to one binary.
+#[derive(Debug, Default)]
+pub struct Attached {
+    pub hooks: Vec<&'static str>,
+    /// Hooks left off, with why.
+    pub skipped: Vec<(&'static str, String)>,
+}
+
+impl GoAttacher {
+    pub fn new(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        let offsets = Array::try_from(ebpf.take_map("GO_OFFSETS").context("map GO_OFFSETS")?)?;
+        Ok(Self {
+            offsets,
+            next_id: 0,
+            loaded: false,
+        })
+    }
+
+    fn load_programs(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+        if self.loaded {
+            return Ok(());
+        }
+        for hook in HOOKS {
+            for prog in std::iter::once(hook.entry).chain(hook.ret) {
+                let program: &mut UProbe = ebpf
+                    .program_mut(prog)
+                    .with_context(|| format!("program {prog} missing from the object"))?
+                    .try_into()
+                    .with_context(|| format!("program {prog} is not a uprobe"))?;
+                program
+                    .load()
+                    .with_context(|| format!("verifier rejected {prog}"))?;
+            }
+        }
+        self.loaded = true;
+        Ok(())
+    }
+
+    /// Registers `binary` (reachable at `target`, e.g. `/proc/<pid>/exe`) and attaches every
+    /// hook whose function and offsets it has.
+    pub fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        target: &Path,
+        binary: &GoBinary,
+    ) -> anyhow::Result<Attached> {
+        if self.next_id >= MAX_GO_BINARIES {
+            bail!("{MAX_GO_BINARIES} Go binaries already have uprobes");
+        }
+        self.load_programs(ebpf)?;
+        let id = self.next_id;
+        self.offsets
+            .set(id, &kernel_offsets(binary), 0)
+            .context("writing the binary's offsets")?;
+        self.next_id += 1;
+        let mut attached = Attached::default();
+        for hook in HOOKS {
+            let Some(func) = binary.funcs.get(hook.function) else {
+                attached
+                    .skipped
+                    .push((hook.function, "function not in the binary".into()));
+                continue;
+            };
+            let missing: Vec<String> = hook
+                .needs
+                .iter()
+                .filter(|f| binary.offsets.get(**f).is_none())
+                .map(|f| format!("{f:?}"))
+                .collect();
+            if !missing.is_empty() {
+                attached.skipped.push((
+                    hook.function,
+                    format!("no offsets for {}", missing.join(", ")),
+                ));
+                continue;
+            }
+            if hook.ret.is_some() && func.ret_offsets.is_empty() {
+                attached
+                    .skipped
+                    .push((hook.function, "no RET instruction found".into()));
+                continue;
+            }
+            attach_points(ebpf, hook.entry, &[func.entry_probe_offset], id, target)
+                .with_context(|| format!("{} entry", hook.function))?;
+            if let Some(ret) = hook.ret {
+                attach_points(ebpf, ret, &func.ret_offsets, id, target)
+                    .with_context(|| format!("{} RETs", hook.function))?;
+            }
+            attached.hooks.push(hook.function);
+        }
+        Ok(attached)
+    }
+}
+
+fn attach_points(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    offsets: &[u64],
+    cookie: u32,
+    target: &Path,
+) -> anyhow::Result<()> {
+    let program: &mut UProbe = ebpf
+        .program_mut(prog)
+        .with_context(|| format!("program {prog} missing"))?
+        .try_into()
+        .with_context(|| format!("program {prog} is not a uprobe"))?;
+    let points = offsets.iter().map(|&offset| UProbeAttachPoint {
+        location: UProbeAttachLocation::AbsoluteOffset(offset),
+        cookie: Some(u64::from(cookie)),
+    });
+    // The program keeps the link for the agent's life: the binary may start new processes
+    // any time.
+    program
+        .attach(points, target, UProbeScope::AllProcesses)
+        .with_context(|| format!("attaching {prog} to {}", target.display()))?;
+    Ok(())
+}
+
+/// The kernel's view of a binary's offsets.
+pub fn kernel_offsets(binary: &GoBinary) -> GoOffsets {
+    let get = |field: Field| {
+        binary
+            .offsets
+            .get(field)
+            .and_then(|o| u32::try_from(o).ok())
+            .unwrap_or(GO_OFFSET_UNKNOWN)
+    };
+    GoOffsets {
+        request_method: get(Field::RequestMethod),
+        request_url: get(Field::RequestUrl),
+        url_path: get(Field::UrlPath),
+        persist_conn_conn: get(Field::PersistConnConn),
+        persist_conn_tls_state: get(Field::PersistConnTlsState),
+        net_conn_fd: get(Field::NetConnFd),
+        net_fd_pfd: get(Field::NetFdPfd),
+        poll_fd_sysfd: get(Field::PollFdSysfd),
+        gin_context_full_path: get(Field::GinContextFullPath),
+    }
+}

@@ -1,0 +1,178 @@
+//! What Go uprobes tell about goroutines: which goroutine spawned which, which goroutine
+//! asked for the next request on a client connection, and the route a server request
+//! matched. Goroutines hop between OS threads, so in a Go process these replace the thread
+//! as the execution context that links an outbound request to the inbound one it serves.
+
+use std::collections::HashMap;
+
+use crate::stream::{ExecCtx, goroutine_ctx};
+
+/// Spawn edges kept at most (beyond it the oldest half is dropped and counted).
+pub const MAX_SPAWN_EDGES: usize = 262_144;
+/// Ancestors walked to find the request a goroutine works for.
+pub const MAX_ANCESTORS: usize = 32;
+/// Client connections whose requesting goroutine is remembered at most.
+pub const MAX_CLIENT_OWNERS: usize = 65_536;
+/// Routes of server spans not finished yet, at most.
+pub const MAX_ROUTES: usize = 65_536;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GoroutineCounters {
+    pub spawns: u64,
+    pub client_starts: u64,
+    /// CLIENT requests whose goroutine was named by the roundTrip uprobe.
+    pub client_owned: u64,
+    pub routes: u64,
+    /// Handler entries that confirmed the goroutine of a server request.
+    pub handler_starts: u64,
+    /// Handler entries whose request was moved to the handler's goroutine.
+    pub handler_rebound: u64,
+    /// Spawn edges or other entries dropped at their bound.
+    pub evicted: u64,
+}
+
+/// Spawn chains, client connection owners and routes per Go process.
+#[derive(Debug, Default)]
+pub struct Goroutines {
+    /// (tgid, child goroutine) -> parent goroutine, with the order of insertion.
+    parents: HashMap<(u32, u64), (u64, u64)>,
+    next_order: u64,
+    /// (tgid, fd) -> goroutine whose request will be written on that connection next.
+    client_owner: HashMap<(u32, i32), u64>,
+    /// Server span id -> route template.
+    routes: HashMap<[u8; 8], String>,
+    pub counters: GoroutineCounters,
+}
+
+impl Goroutines {
+    /// `parent` created `child`. A goroutine struct is reused after its goroutine exits; the
+    /// newest edge wins.
+    pub fn spawned(&mut self, tgid: u32, parent: u64, child: u64) {
+        self.counters.spawns += 1;
+        if self.parents.len() >= MAX_SPAWN_EDGES {
+            self.evict_oldest_edges();
+        }
+        self.next_order += 1;
+        self.parents
+            .insert((tgid, child), (parent, self.next_order));
+    }
+
+    fn evict_oldest_edges(&mut self) {
+        let mut orders: Vec<u64> = self.parents.values().map(|(_, o)| *o).collect();
+        let mid = orders.len() / 2;
+        let (_, cut, _) = orders.select_nth_unstable(mid);
+        let cut = *cut;
+        let before = self.parents.len();
+        self.parents.retain(|_, (_, order)| *order > cut);
+        self.counters.evicted += (before - self.parents.len()) as u64;
+    }
+
+    /// Goroutine `g` starts a request on the client connection `fd`.
+    pub fn client_start(&mut self, tgid: u32, fd: i32, g: u64) {
+        self.counters.client_starts += 1;
+        if self.client_owner.len() >= MAX_CLIENT_OWNERS
+            && !self.client_owner.contains_key(&(tgid, fd))
+        {
+            self.counters.evicted += self.client_owner.len() as u64;
+            self.client_owner.clear();
+        }
+        self.client_owner.insert((tgid, fd), g);
+    }
+
+    /// The goroutine that asked for the request now seen on (tgid, fd), if a uprobe said so.
+    pub fn take_client_owner(&mut self, tgid: u32, fd: i32) -> Option<ExecCtx> {
+        let g = self.client_owner.remove(&(tgid, fd))?;
+        self.counters.client_owned += 1;
+        Some(goroutine_ctx(g))
+    }
+
+    /// The contexts to look in for the request `ctx` works for: itself, then the goroutines
+    /// that spawned it, nearest first.
+    pub fn lineage(&self, tgid: u32, ctx: ExecCtx) -> Vec<ExecCtx> {
+        let mut out = vec![ctx];
+        if ctx & (1 << 63) == 0 {
+            return out;
+        }
+        let mut g = ctx & !(1 << 63);
+        while out.len() <= MAX_ANCESTORS {
+            let Some(&(parent, _)) = self.parents.get(&(tgid, g)) else {
+                break;
+            };
+            if parent == g || out.contains(&goroutine_ctx(parent)) {
+                break;
+            }
+            out.push(goroutine_ctx(parent));
+            g = parent;
+        }
+        out
+    }
+
+    pub fn set_route(&mut self, span_id: [u8; 8], route: String) {
+        self.counters.routes += 1;
+        if self.routes.len() >= MAX_ROUTES {
+            self.counters.evicted += self.routes.len() as u64;
+            self.routes.clear();
+        }
+        self.routes.insert(span_id, route);
+    }
+
+    pub fn take_route(&mut self, span_id: &[u8; 8]) -> Option<String> {
+        self.routes.remove(span_id)
+    }
+
+    pub fn forget_process(&mut self, tgid: u32) {
+        self.parents.retain(|(t, _), _| *t != tgid);
+        self.client_owner.retain(|(t, _), _| *t != tgid);
+    }
+
+    pub fn len(&self) -> usize {
+        self.parents.len() + self.client_owner.len() + self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lineage_walks_spawn_chain_and_stops_at_cycles() {
+        let mut gs = Goroutines::default();
+        gs.spawned(1, 0xa, 0xb);
+        gs.spawned(1, 0xb, 0xc);
+        gs.spawned(2, 0xc, 0xa); // another process: not followed
+        assert_eq!(
+            gs.lineage(1, goroutine_ctx(0xc)),
+            vec![goroutine_ctx(0xc), goroutine_ctx(0xb), goroutine_ctx(0xa)]
+        );
+        // A reused goroutine struct can close a loop; the walk ends.
+        gs.spawned(1, 0xc, 0xa);
+        assert_eq!(gs.lineage(1, goroutine_ctx(0xc)).len(), 3);
+        // Threads have no lineage.
+        assert_eq!(gs.lineage(1, 77), vec![77]);
+    }
+
+    #[test]
+    fn client_owner_is_taken_once() {
+        let mut gs = Goroutines::default();
+        gs.client_start(1, 7, 0xf0);
+        assert_eq!(gs.take_client_owner(1, 7), Some(goroutine_ctx(0xf0)));
+        assert_eq!(gs.take_client_owner(1, 7), None);
+    }
+
+    #[test]
+    fn spawn_edges_are_bounded() {
+        let mut gs = Goroutines::default();
+        for i in 0..(MAX_SPAWN_EDGES as u64 + 10) {
+            gs.spawned(1, i, i + 1_000_000_000);
+        }
+        assert!(gs.parents.len() <= MAX_SPAWN_EDGES);
+        assert!(gs.counters.evicted > 0);
+        // The newest edges survive.
+        let last = MAX_SPAWN_EDGES as u64 + 9;
+        assert_eq!(gs.lineage(1, goroutine_ctx(last + 1_000_000_000)).len(), 2);
+    }
+}
