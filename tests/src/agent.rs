@@ -171,6 +171,28 @@ impl Agent {
         }
     }
 
+    /// Waits until the agent's stderr (its log) satisfies `pred`.
+    pub fn wait_stderr(
+        &mut self,
+        mut pred: impl FnMut(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(&self.stderr()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for the agent's log\n{}",
+                    self.logs(60)
+                );
+            }
+            self.ensure_running()?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Adds the agent's log tail to an error.
     pub fn annotate(&self, e: anyhow::Error) -> anyhow::Error {
         e.context(format!("agent logs:\n{}", self.logs(120)))

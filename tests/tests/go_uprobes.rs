@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use difytrace_tests::agent::Agent;
 use difytrace_tests::goapp::{
     self, DAEMON_COMM, GoApp, GoDaemon, GoTool, GoVariant, Invocation, ROUTE, TOOL_COMM,
@@ -31,9 +31,8 @@ use difytrace_tests::otlp_receiver::{OtlpReceiver, ReceivedSpan, summarize};
 
 /// How long spans may take to reach the receiver (agent batching included).
 const SPAN_WAIT: Duration = Duration::from_secs(60);
-/// The agent attaches uprobes to a new Go binary after its exec, asynchronously; a real
-/// daemon runs long before its first request. Time given to it before the first request.
-const ATTACH_SETTLE: Duration = Duration::from_secs(2);
+/// Longest the agent may take to attach its uprobes to a new binary.
+const ATTACH_WAIT: Duration = Duration::from_secs(20);
 /// Problems of one kind listed in a failure message at most.
 const MAX_PROBLEMS_PER_KIND: usize = 12;
 
@@ -458,10 +457,24 @@ fn start_agent(rx: &OtlpReceiver) -> Result<Agent> {
 /// carries the agent's stats and logs.
 fn run_variant(variant: &GoVariant, n: usize, concurrent: bool) -> Result<()> {
     let rx = OtlpReceiver::start()?;
-    let agent = start_agent(&rx)?;
+    let mut agent = start_agent(&rx)?;
     let tool = GoTool::start(variant)?;
     let daemon = GoDaemon::start(variant, tool.addr())?;
-    std::thread::sleep(ATTACH_SETTLE);
+    // The agent reads each binary off its event loop and attaches a moment later; requests
+    // before that would be linked by thread.
+    let pids = [tool.pid(), daemon.pid()];
+    agent
+        .wait_stderr(
+            |log| {
+                pids.iter().all(|p| {
+                    log.lines().any(|l| {
+                        l.contains("Go uprobes attached") && l.contains(&format!("/proc/{p}/exe"))
+                    })
+                })
+            },
+            ATTACH_WAIT,
+        )
+        .with_context(|| format!("variant {}: uprobes never attached", variant.name))?;
     let sent = if concurrent {
         invoke_concurrent(daemon.addr(), n)
     } else {

@@ -14,7 +14,7 @@ pub mod ret;
 use std::collections::BTreeMap;
 use std::fmt;
 
-pub use inspect::{GoBinError, GoBinary, inspect};
+pub use inspect::{GoBinError, GoBinary, inspect, inspect_bytes};
 
 mod inspect;
 
