@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     protocol::{
-        http1::{Http1Message, StartLine},
+        http1::{ChunkTs, Http1Message, StartLine},
         http2::Http2Stream,
     },
     stream::{ConnKey, ExecCtx, Role, StreamEvent, goroutine_ctx},
@@ -545,12 +545,8 @@ impl SpanBuilder {
             Role::Server => request_first.exit_ns,
             Role::Client => request_first.enter_ns,
         };
-        let end_ns = stream
-            .response
-            .end
-            .unwrap_or(stream.ended)
-            .exit_ns
-            .max(start_ns);
+        let end_ns =
+            response_end_ns(role, &stream.response.end.unwrap_or(stream.ended)).max(start_ns);
         let (attributes, status) = h2_attrs::attributes(kind, stream, peer);
         let clock = self.clock();
         self.counters.spans += 1;
@@ -589,7 +585,7 @@ impl SpanBuilder {
         if queue.is_empty() {
             self.pending.remove(&key);
         }
-        let end_ns = response.last.exit_ns;
+        let end_ns = response_end_ns(role, &response.last);
         out.push(self.finish(
             key,
             role,
@@ -674,6 +670,17 @@ impl SpanBuilder {
         self.pending_h2.retain(|(k, _), _| k.tgid != tgid);
         self.ends.forget_process(tgid);
         self.goroutines.forget_process(tgid);
+    }
+}
+
+/// When a response ends for the span of `role`: a client has it once its read returns; a
+/// server has handed its last bytes over once its write starts. The write's return can come
+/// after the client's read returned (the kernel side runs in between), and a SERVER span must
+/// not outlast the CLIENT span that contains it.
+fn response_end_ns(role: Role, last: &ChunkTs) -> u64 {
+    match role {
+        Role::Server => last.enter_ns,
+        Role::Client => last.exit_ns,
     }
 }
 
@@ -1023,6 +1030,54 @@ mod tests {
         }
         assert_eq!(w.builder.goroutines.counters.client_owned, 2);
         assert_eq!(w.builder.goroutines.counters.handler_starts, 2);
+    }
+
+    /// A request read entirely by another goroutine than the one whose handler serves it
+    /// moves to the handler's goroutine when the handler starts.
+    #[test]
+    fn go_handler_start_moves_a_request_read_elsewhere() {
+        let g = goroutine_ctx;
+        let mut w = World::new();
+        w.open(SERVER, Role::Server);
+        w.open(CLIENT, Role::Client);
+        w.io(SERVER, g(0x900), true, b"GET /a?x=1 HTTP/1.1\r\n\r\n");
+        // A different path does not match; the right one does.
+        w.builder.on_go(GoFact::HandlerStart {
+            tgid: 10,
+            g: 0x200,
+            method: "GET".into(),
+            path: "/b".into(),
+        });
+        assert_eq!(w.builder.goroutines.counters.handler_rebound, 0);
+        w.builder.on_go(GoFact::HandlerStart {
+            tgid: 10,
+            g: 0x200,
+            method: "GET".into(),
+            path: "/a".into(),
+        });
+        assert_eq!(w.builder.goroutines.counters.handler_rebound, 1);
+        w.builder.on_go(GoFact::ClientStart {
+            tgid: 10,
+            g: 0x200,
+            fd: CLIENT.fd,
+        });
+        w.io(CLIENT, g(0x777), false, b"GET /down HTTP/1.1\r\n\r\n");
+        w.io(
+            CLIENT,
+            g(0x778),
+            true,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        w.io(
+            SERVER,
+            g(0x200),
+            false,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        let server = w.spans.iter().find(|s| s.kind == SpanKind::Server).unwrap();
+        let client = w.spans.iter().find(|s| s.kind == SpanKind::Client).unwrap();
+        assert_eq!(client.parent_span_id, Some(server.span_id));
+        assert_eq!(w.builder.active_len(), 0);
     }
 
     #[test]
