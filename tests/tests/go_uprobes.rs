@@ -8,7 +8,8 @@
 //! tenant `t-i`:
 //! - a SERVER span in the daemon: `url.path` `/plugin/t-i/dispatch/tool/invoke`, method POST,
 //!   status 200, `http.route` `/plugin/:tenant_id/dispatch/tool/invoke`, named
-//!   `POST /plugin/:tenant_id/dispatch/tool/invoke`;
+//!   `POST /plugin/:tenant_id/dispatch/tool/invoke`, with the handler's duration from the
+//!   uprobes (`difytrace.handler.duration_ns`) inside the span;
 //! - a CLIENT span in the daemon, `url.path` `/tool/t-i`, child of that SERVER span (same
 //!   trace) and within its time range;
 //! - a SERVER span in the tool, `url.path` `/tool/t-i`, child of that CLIENT span;
@@ -281,6 +282,15 @@ fn check(spans: &[ReceivedSpan], exp: &Expect) -> Report {
                     "http.response.status_code={:?} (want the integer 200)",
                     server.attr("http.response.status_code")
                 ));
+            }
+            // The handler's own run (ServeHTTP's entry to its return, from the uprobes) lies
+            // inside the span the wire gives, and takes at least the tool's answer.
+            let wire_ns = server.end_ns.saturating_sub(server.start_ns);
+            match server.attr_int("difytrace.handler.duration_ns") {
+                Some(ns) if ns > 0 && (ns as u64) <= wire_ns => {}
+                other => wrong.push(format!(
+                    "difytrace.handler.duration_ns={other:?} (want 0 < it <= the span's {wire_ns} ns)"
+                )),
             }
             if !wrong.is_empty() {
                 r.server_attrs_wrong += 1;

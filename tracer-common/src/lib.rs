@@ -48,6 +48,8 @@ pub mod kind {
 pub mod go_op {
     /// `net/http.serverHandler.ServeHTTP` entered: `g` starts serving `method` `text` (path).
     pub const SERVER_START: u8 = 1;
+    /// ServeHTTP returned on `g` (a RET probe): the handler is done.
+    pub const SERVER_END: u8 = 2;
     /// `net/http.(*persistConn).roundTrip` entered on `g`; `value` is the connection's fd.
     pub const CLIENT_START: u8 = 3;
     /// `runtime.newproc1` returned: goroutine `g` created goroutine `other`.

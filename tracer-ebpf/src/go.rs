@@ -184,9 +184,8 @@ fn emit(
 }
 
 /// `net/http.serverHandler.ServeHTTP(sh, rw ResponseWriter, req *Request)`: rax = sh,
-/// rbx/rcx = rw, rdi = req. Its end needs no probe: the response's last byte on the wire
-/// ends the span.
-#[uprobe]
+/// rbx/rcx = rw, rdi = req.
+#[uprobe(multi)]
 pub fn go_serve_enter(ctx: ProbeContext) -> u32 {
     let Some((id, _, off)) = setup(&ctx) else {
         return 0;
@@ -199,9 +198,20 @@ pub fn go_serve_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// A RET of ServeHTTP: the handler running on this goroutine is done.
+#[uprobe(multi)]
+pub fn go_serve_ret(ctx: ProbeContext) -> u32 {
+    let Some((id, _, _)) = setup(&ctx) else {
+        return 0;
+    };
+    let r = regs(&ctx);
+    emit(id, go_op::SERVER_END, r.r14, 0, 0, None, None);
+    0
+}
+
 /// `net/http.(*persistConn).roundTrip(pc, req)`: rax = pc. The request's bytes are written
 /// later by the connection's writeLoop goroutine; this names the goroutine that asked.
-#[uprobe]
+#[uprobe(multi)]
 pub fn go_roundtrip_enter(ctx: ProbeContext) -> u32 {
     let Some((id, _, off)) = setup(&ctx) else {
         return 0;
@@ -233,7 +243,7 @@ pub fn go_roundtrip_enter(ctx: ProbeContext) -> u32 {
 
 /// `runtime.newproc1(fn, callergp, callerpc, ...) *g`: rbx = the creating goroutine. It runs
 /// on the system stack (r14 is g0 there), so entry and RET meet by thread.
-#[uprobe]
+#[uprobe(multi)]
 pub fn go_newproc_enter(ctx: ProbeContext) -> u32 {
     let Some((id, tgid)) = current_if_watched() else {
         return 0;
@@ -244,7 +254,7 @@ pub fn go_newproc_enter(ctx: ProbeContext) -> u32 {
 }
 
 /// A RET of newproc1: rax = the new goroutine.
-#[uprobe]
+#[uprobe(multi)]
 pub fn go_newproc_ret(ctx: ProbeContext) -> u32 {
     let Some((id, tgid)) = current_if_watched() else {
         return 0;
@@ -260,7 +270,7 @@ pub fn go_newproc_ret(ctx: ProbeContext) -> u32 {
 }
 
 /// `gin.(*Engine).handleHTTPRequest(engine, c *Context)`: rbx = c.
-#[uprobe]
+#[uprobe(multi)]
 pub fn go_gin_enter(ctx: ProbeContext) -> u32 {
     let Some((_, tgid, off)) = setup(&ctx) else {
         return 0;
@@ -274,7 +284,7 @@ pub fn go_gin_enter(ctx: ProbeContext) -> u32 {
 }
 
 /// A RET of handleHTTPRequest: the route matched (`c.fullPath`) is set by now.
-#[uprobe]
+#[uprobe(multi)]
 pub fn go_gin_ret(ctx: ProbeContext) -> u32 {
     let Some((id, tgid, off)) = setup(&ctx) else {
         return 0;

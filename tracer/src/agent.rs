@@ -387,6 +387,7 @@ impl Agent {
             value,
             method,
             text,
+            ts_ns,
             ..
         } = record;
         let fact = match op {
@@ -395,7 +396,9 @@ impl Agent {
                 g,
                 method,
                 path: text,
+                ts_ns,
             },
+            go_op::SERVER_END => GoFact::HandlerEnd { tgid, g, ts_ns },
             go_op::SPAWN => GoFact::Spawn {
                 tgid,
                 parent: g,

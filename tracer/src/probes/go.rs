@@ -22,7 +22,7 @@ pub const HOOKS: [Hook; 4] = [
     Hook {
         function: "net/http.serverHandler.ServeHTTP",
         entry: "go_serve_enter",
-        ret: None,
+        ret: Some("go_serve_ret"),
         needs: &[],
     },
     Hook {

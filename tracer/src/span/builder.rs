@@ -35,13 +35,16 @@ use crate::{
 /// What a Go process's uprobes report, as the span layer uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GoFact {
-    /// A handler (`serverHandler.ServeHTTP`) starts on goroutine `g`.
+    /// A handler (`serverHandler.ServeHTTP`) starts on goroutine `g` at `ts_ns`.
     HandlerStart {
         tgid: u32,
         g: u64,
         method: String,
         path: String,
+        ts_ns: u64,
     },
+    /// The handler running on goroutine `g` returned at `ts_ns`.
+    HandlerEnd { tgid: u32, g: u64, ts_ns: u64 },
     /// `parent` created goroutine `child`.
     Spawn { tgid: u32, parent: u64, child: u64 },
     /// Goroutine `g` asks for a request on client connection `fd`.
@@ -424,6 +427,7 @@ impl SpanBuilder {
                 {
                     self.active.entry((key.tgid, ctx)).or_default().push(ids);
                 }
+                self.goroutines.request_active(key.tgid, ctx, ids.span_id);
                 ids
             }
             Role::Client => {
@@ -483,17 +487,29 @@ impl SpanBuilder {
                 g,
                 method,
                 path,
-            } => self.handler_started(tgid, goroutine_ctx(g), &method, &path),
+                ts_ns,
+            } => {
+                let span_id = self.handler_started(tgid, goroutine_ctx(g), &method, &path);
+                self.goroutines.handler_started(tgid, g, span_id, ts_ns);
+            }
+            GoFact::HandlerEnd { tgid, g, ts_ns } => self.goroutines.handler_ended(tgid, g, ts_ns),
         }
     }
 
     /// A Go handler starts on `ctx`. Normally its request was read by the same goroutine and
     /// is active there already; if another goroutine read the request's last byte, the
     /// oldest unanswered request of the process with this method and path moves to `ctx`.
-    fn handler_started(&mut self, tgid: u32, ctx: ExecCtx, method: &str, path: &str) {
-        if self.active.contains_key(&(tgid, ctx)) {
+    /// Returns the span id of the request the handler serves.
+    fn handler_started(
+        &mut self,
+        tgid: u32,
+        ctx: ExecCtx,
+        method: &str,
+        path: &str,
+    ) -> Option<[u8; 8]> {
+        if let Some(ids) = self.active.get(&(tgid, ctx)).and_then(|s| s.last()) {
             self.goroutines.counters.handler_starts += 1;
-            return;
+            return Some(ids.span_id);
         }
         let candidate = self
             .pending
@@ -506,15 +522,14 @@ impl SpanBuilder {
                 m == method && full == path
             })
             .min_by_key(|p| p.request.first.exit_ns);
-        let Some(pending) = candidate else {
-            return;
-        };
+        let pending = candidate?;
         let old = pending.ctx;
         pending.ctx = ctx;
         let ids = pending.ids;
         deactivate(&mut self.active, tgid, old, ids.span_id);
         self.active.entry((tgid, ctx)).or_default().push(ids);
         self.goroutines.counters.handler_rebound += 1;
+        Some(ids.span_id)
     }
 
     /// The span of an ended HTTP/2 stream.
@@ -644,6 +659,14 @@ impl SpanBuilder {
             let (method, _) = http_attrs::method_and_path(&pending.request);
             name = format!("{method} {route}");
             attributes.push(("http.route".into(), AttrValue::Str(route)));
+        }
+        if role == Role::Server
+            && let Some(ns) = self.goroutines.take_handler_duration(&pending.ids.span_id)
+        {
+            attributes.push((
+                "difytrace.handler.duration_ns".into(),
+                AttrValue::Int(i64::try_from(ns).unwrap_or(i64::MAX)),
+            ));
         }
         let clock = self.clock();
         self.counters.spans += 1;
@@ -957,6 +980,12 @@ mod tests {
                 g: handler,
                 method: "POST".into(),
                 path: format!("/plugin/{}/dispatch/tool/invoke", ["a", "b"][i]),
+                ts_ns: 5_000,
+            });
+            w.builder.on_go(GoFact::HandlerEnd {
+                tgid: 10,
+                g: handler,
+                ts_ns: 7_500,
             });
             w.builder.on_go(GoFact::Route {
                 tgid: 10,
@@ -1025,6 +1054,10 @@ mod tests {
             assert_eq!(client.parent_span_id, Some(server.span_id), "tenant {t}");
             assert_eq!(client.trace_id, server.trace_id);
             assert_eq!(server.name, "POST /plugin/:tenant_id/dispatch/tool/invoke");
+            assert_eq!(
+                server.attr("difytrace.handler.duration_ns"),
+                Some(&AttrValue::Int(2_500))
+            );
             assert!(server.attributes.iter().any(|(k, v)| k == "http.route"
                 && *v == AttrValue::Str("/plugin/:tenant_id/dispatch/tool/invoke".into())));
         }
@@ -1047,6 +1080,7 @@ mod tests {
             g: 0x200,
             method: "GET".into(),
             path: "/b".into(),
+            ts_ns: 1,
         });
         assert_eq!(w.builder.goroutines.counters.handler_rebound, 0);
         w.builder.on_go(GoFact::HandlerStart {
@@ -1054,6 +1088,7 @@ mod tests {
             g: 0x200,
             method: "GET".into(),
             path: "/a".into(),
+            ts_ns: 1,
         });
         assert_eq!(w.builder.goroutines.counters.handler_rebound, 1);
         w.builder.on_go(GoFact::ClientStart {

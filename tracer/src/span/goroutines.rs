@@ -31,6 +31,9 @@ pub struct GoroutineCounters {
     pub evicted: u64,
 }
 
+/// (span id if known yet, start) of a running handler.
+type RunningHandler = (Option<[u8; 8]>, u64);
+
 /// Spawn chains, client connection owners and routes per Go process.
 #[derive(Debug, Default)]
 pub struct Goroutines {
@@ -41,6 +44,12 @@ pub struct Goroutines {
     client_owner: HashMap<(u32, i32), u64>,
     /// Server span id -> route template.
     routes: HashMap<[u8; 8], String>,
+    /// (tgid, goroutine) -> (span id, start) of the handler running there; no span id yet
+    /// when the handler started before its request was complete on the wire (it reads the
+    /// body itself).
+    handlers: HashMap<(u32, u64), RunningHandler>,
+    /// Server span id -> how long its handler ran.
+    handler_durations: HashMap<[u8; 8], u64>,
     pub counters: GoroutineCounters,
 }
 
@@ -120,13 +129,57 @@ impl Goroutines {
         self.routes.remove(span_id)
     }
 
+    /// The handler of span `span_id` (None: not known yet) started on goroutine `g`.
+    pub fn handler_started(&mut self, tgid: u32, g: u64, span_id: Option<[u8; 8]>, ts_ns: u64) {
+        if self.handlers.len() >= MAX_ROUTES {
+            self.counters.evicted += self.handlers.len() as u64;
+            self.handlers.clear();
+        }
+        self.handlers.insert((tgid, g), (span_id, ts_ns));
+    }
+
+    /// The request of span `span_id` became active on `ctx`: a handler already running
+    /// there serves it.
+    pub fn request_active(&mut self, tgid: u32, ctx: ExecCtx, span_id: [u8; 8]) {
+        if ctx & (1 << 63) == 0 {
+            return;
+        }
+        if let Some((span, _)) = self.handlers.get_mut(&(tgid, ctx & !(1 << 63)))
+            && span.is_none()
+        {
+            *span = Some(span_id);
+        }
+    }
+
+    /// The handler on goroutine `g` returned: its span gets the handler's duration.
+    pub fn handler_ended(&mut self, tgid: u32, g: u64, ts_ns: u64) {
+        let Some((Some(span_id), start)) = self.handlers.remove(&(tgid, g)) else {
+            return;
+        };
+        if self.handler_durations.len() >= MAX_ROUTES {
+            self.counters.evicted += self.handler_durations.len() as u64;
+            self.handler_durations.clear();
+        }
+        self.handler_durations
+            .insert(span_id, ts_ns.saturating_sub(start));
+    }
+
+    pub fn take_handler_duration(&mut self, span_id: &[u8; 8]) -> Option<u64> {
+        self.handler_durations.remove(span_id)
+    }
+
     pub fn forget_process(&mut self, tgid: u32) {
         self.parents.retain(|(t, _), _| *t != tgid);
         self.client_owner.retain(|(t, _), _| *t != tgid);
+        self.handlers.retain(|(t, _), _| *t != tgid);
     }
 
     pub fn len(&self) -> usize {
-        self.parents.len() + self.client_owner.len() + self.routes.len()
+        self.parents.len()
+            + self.client_owner.len()
+            + self.routes.len()
+            + self.handlers.len()
+            + self.handler_durations.len()
     }
 
     pub fn is_empty(&self) -> bool {
