@@ -13,7 +13,7 @@ use anyhow::{Result, ensure};
 use common::*;
 use difytrace_tests::agent::Agent;
 use difytrace_tests::otlp_receiver::OtlpReceiver;
-use difytrace_tests::procs::http_get;
+use difytrace_tests::procs::{HttpConn, http_get};
 use difytrace_tests::python::{DEMO_APP, Gunicorn, GunicornOpts, check_flask_gunicorn};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -47,9 +47,16 @@ fn ring_overrun_under_a_burst_is_counted_and_tracing_recovers() -> Result<()> {
         return Ok(());
     };
     check_flask_gunicorn()?;
+    // Threaded workers keep connections alive (sync workers close each one), and the kept
+    // connection must outlive the burst.
     let g = Gunicorn::start(
         &format!("{DEMO_APP}\n{BIG_ROUTE}"),
-        &GunicornOpts::default(),
+        &GunicornOpts {
+            worker_class: "gthread".into(),
+            threads: Some(4),
+            extra_args: vec!["--keep-alive".into(), "120".into()],
+            ..GunicornOpts::default()
+        },
     )?;
     let rx = OtlpReceiver::start()?;
     let mut agent = Agent::start(&[
@@ -64,6 +71,12 @@ fn ring_overrun_under_a_burst_is_counted_and_tracing_recovers() -> Result<()> {
     rx.wait_for_span(|s| is_server_for(s, &before), WAIT)
         .map_err(|e| agent.annotate(e))?;
 
+    // A connection used before, during and after the overrun: its records in the middle are
+    // lost, and the sequence numbers of the ones after say so. (The burst's connections
+    // carry one request each; whether one of them straddles the moment the ring fills is
+    // luck.)
+    let mut kept = HttpConn::connect(g.addr())?;
+    kept.get(&format!("/users/{}", random_hex(8)), &[])?;
     signal(agent.pid(), libc::SIGSTOP)?;
     let started = Instant::now();
     let addr = g.addr();
@@ -87,7 +100,19 @@ fn ring_overrun_under_a_burst_is_counted_and_tracing_recovers() -> Result<()> {
             .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     }
     let burst_time = started.elapsed();
+    let during = kept.get("/big", &[])?;
+    ensure!(
+        during.status == 200,
+        "GET /big on the kept connection: {}",
+        during.status
+    );
     signal(agent.pid(), libc::SIGCONT)?;
+    let after_overrun = kept.get(&format!("/users/{}", random_hex(8)), &[])?;
+    ensure!(
+        after_overrun.status == 200,
+        "request after the overrun on the kept connection: {}",
+        after_overrun.status
+    );
     ensure!(
         answered > BURST * 9 / 10,
         "the server answered only {answered} of {BURST} requests"
