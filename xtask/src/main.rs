@@ -48,7 +48,7 @@ COMMANDS:
         docs/benchmarks.md (not with --no-docs).
         --off-only runs the baseline alone (no agent, no root, docs untouched).
     fuzz [--seconds N]
-        Run every parser's fuzz target (tracer/fuzz: http1, http2, stdio) for N seconds
+        Run every parser's fuzz target (tracer/fuzz: http1, http2, stdio, gobin) for N seconds
         each (default 60) with cargo-fuzz on the pinned nightly; installs cargo-fuzz when
         missing. `test` runs it for 20 s each.
     go-offsets
