@@ -427,8 +427,7 @@ impl Agent {
             }
             Err(err) => {
                 warn!(path = %path.display(), %err, "cannot read Go binary facts; its processes are linked by thread");
-                self.go.counters.unhooked += 1;
-                self.go.settle(file, false);
+                self.go.unhooked(file);
                 return;
             }
         };
@@ -439,8 +438,7 @@ impl Agent {
                 go = %binary.info.go_version_raw,
                 "Go binary outside the supported range go1.19 .. go1.27: no uprobes, syscall capture only (linked by thread)"
             );
-            self.go.counters.unhooked += 1;
-            self.go.settle(file, false);
+            self.go.unhooked(file);
             return;
         }
         // The process the path named may be gone; any process still running the file will do.
@@ -477,13 +475,11 @@ impl Agent {
             }
             Some(Ok(attached)) => {
                 warn!(binary = %target.display(), skipped = ?attached.skipped, offsets_missing = ?missing, "no Go hook could be attached");
-                self.go.counters.unhooked += 1;
-                self.go.settle(file, false);
+                self.go.unhooked(file);
             }
             Some(Err(err)) => {
                 warn!(binary = %target.display(), "attaching Go uprobes failed: {err:#}");
-                self.go.counters.unhooked += 1;
-                self.go.settle(file, false);
+                self.go.unhooked(file);
             }
             None => {
                 self.go.settle(file, false);

@@ -141,6 +141,13 @@ impl GoBinaries {
         }
     }
 
+    /// A Go binary that gets no uprobes (unsupported, unreadable, attach failed): counted,
+    /// and its processes stay linked by thread.
+    pub fn unhooked(&mut self, file: FileKey) {
+        self.counters.unhooked += 1;
+        self.settle(file, false);
+    }
+
     /// Processes waiting for the verdict on `file` (one of them gives the uprobe target).
     pub fn waiting(&self, file: FileKey) -> &[u32] {
         match self.files.get(&file) {

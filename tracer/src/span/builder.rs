@@ -29,7 +29,7 @@ use crate::{
         http1::{ChunkTs, Http1Message, StartLine},
         http2::Http2Stream,
     },
-    stream::{ConnKey, ExecCtx, Role, StreamEvent, goroutine_ctx},
+    stream::{ConnKey, ExecCtx, Role, StreamEvent, goroutine_ctx, goroutine_of},
 };
 
 /// What a Go process's uprobes report, as the span layer uses it.
@@ -357,14 +357,12 @@ impl SpanBuilder {
             return false;
         };
         pending.linked = true;
-        let old = pending.ids;
-        pending.ids = reparented(old, client);
-        reactivate(
+        move_under(
             &mut self.active,
             server.tgid,
             pending.ctx,
-            old.span_id,
-            pending.ids,
+            &mut pending.ids,
+            client,
         );
         self.counters.cross_process_links += 1;
         true
@@ -381,14 +379,12 @@ impl SpanBuilder {
             return false;
         }
         pending.linked = true;
-        let old = pending.ids;
-        pending.ids = reparented(old, client);
-        reactivate(
+        move_under(
             &mut self.active,
             server.tgid,
             pending.ctx,
-            old.span_id,
-            pending.ids,
+            &mut pending.ids,
+            client,
         );
         self.counters.cross_process_links += 1;
         true
@@ -516,7 +512,7 @@ impl SpanBuilder {
             .iter_mut()
             .filter(|(k, (role, _))| k.tgid == tgid && *role == Role::Server)
             .filter_map(|(_, (_, queue))| queue.front_mut())
-            .filter(|p| p.ctx != ctx && p.ctx & (1 << 63) != 0)
+            .filter(|p| p.ctx != ctx && goroutine_of(p.ctx).is_some())
             .filter(|p| {
                 let (m, full) = http_attrs::method_and_path(&p.request);
                 m == method && full == path
@@ -729,6 +725,19 @@ fn reparented(ids: SpanIds, parent: &SpanIds) -> SpanIds {
         parent_span_id: Some(parent.span_id),
         parent_is_remote: false,
     }
+}
+
+/// Moves the span `ids`, active on `ctx` of `tgid`, under `parent`, keeping its span id.
+fn move_under(
+    active: &mut HashMap<(u32, ExecCtx), Vec<SpanIds>>,
+    tgid: u32,
+    ctx: ExecCtx,
+    ids: &mut SpanIds,
+    parent: &SpanIds,
+) {
+    let old = *ids;
+    *ids = reparented(old, parent);
+    reactivate(active, tgid, ctx, old.span_id, *ids);
 }
 
 /// Replaces the active entry of span `span_id` on a thread by `ids`.

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use crate::stream::{ExecCtx, goroutine_ctx};
+use crate::stream::{ExecCtx, goroutine_ctx, goroutine_of};
 
 /// Spawn edges kept at most (beyond it the oldest half is dropped and counted).
 pub const MAX_SPAWN_EDGES: usize = 262_144;
@@ -99,10 +99,9 @@ impl Goroutines {
     /// that spawned it, nearest first.
     pub fn lineage(&self, tgid: u32, ctx: ExecCtx) -> Vec<ExecCtx> {
         let mut out = vec![ctx];
-        if ctx & (1 << 63) == 0 {
+        let Some(mut g) = goroutine_of(ctx) else {
             return out;
-        }
-        let mut g = ctx & !(1 << 63);
+        };
         while out.len() <= MAX_ANCESTORS {
             let Some(&(parent, _)) = self.parents.get(&(tgid, g)) else {
                 break;
@@ -141,10 +140,10 @@ impl Goroutines {
     /// The request of span `span_id` became active on `ctx`: a handler already running
     /// there serves it.
     pub fn request_active(&mut self, tgid: u32, ctx: ExecCtx, span_id: [u8; 8]) {
-        if ctx & (1 << 63) == 0 {
+        let Some(g) = goroutine_of(ctx) else {
             return;
-        }
-        if let Some((span, _)) = self.handlers.get_mut(&(tgid, ctx & !(1 << 63)))
+        };
+        if let Some((span, _)) = self.handlers.get_mut(&(tgid, g))
             && span.is_none()
         {
             *span = Some(span_id);
