@@ -20,6 +20,7 @@ pub mod agent;
 pub mod goapp;
 pub mod grpc;
 pub mod jaeger;
+pub mod nginx;
 pub mod otlp_receiver;
 pub mod plugin;
 pub mod procs;

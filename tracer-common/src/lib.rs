@@ -42,6 +42,8 @@ pub mod kind {
     pub const OWN_CONNECT: u8 = 9;
     /// A Go uprobe fired (see `go_op`).
     pub const GO: u8 = 10;
+    /// nginx picked the upstream connection for a downstream request (`NginxEvent`).
+    pub const NGINX: u8 = 11;
 }
 
 /// What a `GoEvent` reports.
@@ -99,7 +101,18 @@ pub mod feature {
     pub const SOCK_LOCAL: u32 = 4;
     /// Data records carry the Go goroutine (register r14 at syscall entry).
     pub const GO_GOROUTINES: u32 = 8;
+    /// Data records carry the thread's current greenlet (marked with `GREENLET_MARK`) when
+    /// a greenlet switch was seen on the thread.
+    pub const GREENLETS: u32 = 16;
 }
+
+/// Top 16 bits of `DataEvent::goroutine` when it holds a greenlet (a user-space pointer fits
+/// in the low 48 bits). A Go goroutine or a stray register never carries this pattern there.
+pub const GREENLET_MARK: u64 = 0x4752 << 48;
+/// Threads whose current greenlet is remembered at once.
+pub const MAX_GREENLET_THREADS: u32 = 16384;
+/// nginx threads between a hook's entry and its return at once.
+pub const MAX_NGINX_INFLIGHT: u32 = 4096;
 
 /// Indexes into the per-CPU drop counter array.
 pub mod counter {
@@ -129,7 +142,13 @@ pub mod counter {
     pub const GO_EVENTS: u32 = 11;
     /// A Go hook's entry state could not be saved for its RET probe (map full).
     pub const GO_INFLIGHT_FULL: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// Greenlet switches seen in watched processes.
+    pub const GREENLET_SWITCHES: u32 = 13;
+    /// nginx upstream events produced.
+    pub const NGINX_EVENTS: u32 = 14;
+    /// An nginx event could not be reserved in the ring buffer.
+    pub const NGINX_RESERVE_FAILED: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 /// One syscall's (or one iovec's) bytes on a socket.
@@ -239,6 +258,21 @@ pub struct GoEvent {
     pub method: [u8; 16],
     /// The path (SERVER_START) or route template (ROUTE).
     pub text: [u8; GO_TEXT],
+}
+
+/// nginx connected (or took from its keep-alive cache) the upstream connection `upstream_fd`
+/// for the request that arrived on `downstream_fd`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NginxEvent {
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    pub tgid: u32,
+    pub tid: u32,
+    pub downstream_fd: i32,
+    pub upstream_fd: i32,
+    pub _pad2: u32,
+    pub ts_ns: u64,
 }
 
 /// Field offsets of one Go binary, indexed by the attach cookie of its uprobes;

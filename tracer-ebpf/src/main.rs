@@ -5,6 +5,7 @@
 #![no_main]
 
 mod go;
+mod native;
 mod process;
 mod syscalls;
 mod util;

@@ -18,13 +18,13 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use tracer_common::{
-    ConnEvent, DataEvent, MAX_CAPTURE, MAX_IOVECS, SockAddr, SockInfo, TAIL_CAPTURE, counter,
-    direction, kind, role, sock_key,
+    ConnEvent, DataEvent, GREENLET_MARK, MAX_CAPTURE, MAX_IOVECS, SockAddr, SockInfo, TAIL_CAPTURE,
+    counter, direction, kind, role, sock_key,
 };
 
 use crate::util::{
     EVENTS, FdWalk, INFLIGHT, Inflight, OTHER_FDS, SCRATCH, SOCKETS, bump, current_if_watched,
-    current_is_agent, fd_walk, follow_pipes, go_goroutines, sock_walk, wakeup_flags,
+    current_is_agent, fd_walk, follow_pipes, go_goroutines, greenlets, sock_walk, wakeup_flags,
 };
 
 /// What the saved pointer of an in-flight syscall points at.
@@ -305,6 +305,12 @@ fn enter_data(regs: u64, op: u8, dir: u8, peek_flags_arg: Option<usize>, may_be_
     if go_goroutines() {
         // Go keeps the running goroutine in r14 and its syscall stubs leave it there.
         saved.goroutine = read_regs_u64(regs, PT_REGS_R14);
+    }
+    if greenlets() {
+        // SAFETY: copied out of the map value.
+        if let Some(g) = unsafe { crate::native::GREENLETS.get(&id) } {
+            saved.goroutine = (*g & ((1 << 48) - 1)) | GREENLET_MARK;
+        }
     }
     save(id, &saved);
 }

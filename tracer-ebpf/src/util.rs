@@ -96,6 +96,11 @@ pub fn go_goroutines() -> bool {
 }
 
 #[inline(always)]
+pub fn greenlets() -> bool {
+    feature(tracer_common::feature::GREENLETS)
+}
+
+#[inline(always)]
 pub fn follow_pipes() -> bool {
     feature(tracer_common::feature::FOLLOW_PIPES)
 }

@@ -1,7 +1,11 @@
 //! The agent's event loop: ring buffer records through stream, protocol and span layers to
 //! the exporters, plus the process bookkeeping that keeps the kernel's selection current.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
@@ -17,7 +21,9 @@ use crate::{
     discover::{
         go_binaries::{GoBinaries, Inspected},
         gobin::GoVersion,
-        naming, plugin_runtime, procfs,
+        naming,
+        native_targets::{NativeTarget, NativeTargets},
+        plugin_runtime, procfs,
         selection::Selection,
         self_sockets::SelfSockets,
     },
@@ -32,7 +38,10 @@ use crate::{
         clock::{Clock, monotonic_ns},
         model::{FinishedSpan, ProcessResource},
     },
-    stream::{ConnKey, ConnTable, PipeTable, PipeVerdict, Role, StreamEvent, goroutine_ctx},
+    stream::{
+        ConnKey, ConnTable, PipeTable, PipeVerdict, Role, StreamEvent, fd_ctx, goroutine_ctx,
+        greenlet_ctx, marked_greenlet,
+    },
 };
 
 /// Records handled before the loop looks at timers and signals again.
@@ -44,6 +53,9 @@ const DRAIN_EVERY: Duration = Duration::from_millis(5);
 const DRAIN_IDLE_MAX: Duration = Duration::from_millis(80);
 /// How often idle connections are swept.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
+/// How often Python processes without greenlet yet are looked at again (gevent is imported
+/// after exec; requests served before the hook are linked by thread).
+const NATIVE_RESCAN_EVERY: Duration = Duration::from_millis(500);
 /// Sockets seeded from /proc at start, at most (the kernel map holds MAX_SOCKETS).
 const MAX_SEEDED_SOCKETS: usize = 16384;
 /// Seeded sockets get generations from this range, apart from kernel timestamps.
@@ -208,6 +220,7 @@ pub struct Agent {
     procs: ProcessCache,
     own_sockets: SelfSockets,
     go: GoBinaries,
+    native: NativeTargets,
     exporter: Exporter,
     counters: AgentCounters,
     stream_events: Vec<StreamEvent>,
@@ -223,6 +236,10 @@ impl Agent {
             Ok(Event::Conn(conn)) => self.on_conn(&conn),
             Ok(Event::Proc(proc_event)) => self.on_proc(&proc_event),
             Ok(Event::Go(record)) => self.on_go(record),
+            Ok(Event::Nginx(ev)) => {
+                self.builder
+                    .nginx_upstream(ev.tgid, ev.downstream_fd, ev.upstream_fd)
+            }
             Err(err) => {
                 self.counters.decode_errors += 1;
                 debug!(%err, "undecodable ring buffer record");
@@ -233,8 +250,12 @@ impl Agent {
 
     fn on_data(&mut self, chunk: &DataChunk<'_>) {
         self.procs.ensure(chunk.tgid);
-        let ctx = if chunk.goroutine != 0 && self.go.is_hooked(chunk.tgid) {
+        let ctx = if let Some(greenlet) = marked_greenlet(chunk.goroutine) {
+            greenlet_ctx(greenlet)
+        } else if chunk.goroutine != 0 && self.go.is_hooked(chunk.tgid) {
             goroutine_ctx(chunk.goroutine)
+        } else if !chunk.pipe && self.native.is_nginx(chunk.tgid) {
+            fd_ctx(chunk.fd)
         } else {
             u64::from(chunk.tid)
         };
@@ -339,7 +360,7 @@ impl Agent {
                 self.procs.ensure(proc_event.tgid);
                 if self.selection.exes.is_empty() {
                     // Only watched processes report their exec.
-                    self.go.note_process(proc_event.tgid);
+                    self.note_binaries(proc_event.tgid);
                     return;
                 }
                 if let Some(facts) = procfs::read_process(proc_event.tgid)
@@ -347,13 +368,15 @@ impl Agent {
                 {
                     info!(pid = facts.tgid, comm = %facts.comm, "watching new process");
                     self.probes.watch(facts.tgid);
-                    self.go.note_process(facts.tgid);
+                    self.note_binaries(facts.tgid);
                 }
             }
             kind::FORK => {
                 self.procs
                     .note_fork(proc_event.tgid, proc_event.parent_tgid);
                 self.go.note_fork(proc_event.tgid, proc_event.parent_tgid);
+                self.native
+                    .note_fork(proc_event.tgid, proc_event.parent_tgid);
             }
             kind::EXIT => {
                 let fds =
@@ -373,8 +396,40 @@ impl Agent {
                 self.export_spans();
                 self.procs.forget(proc_event.tgid);
                 self.go.forget_process(proc_event.tgid);
+                self.native.forget_process(proc_event.tgid);
             }
             _ => {}
+        }
+    }
+
+    /// A watched process appeared or exec'd: its executable (Go? nginx?) and libraries
+    /// (greenlet?) may want uprobes.
+    fn note_binaries(&mut self, tgid: u32) {
+        self.go.note_process(tgid);
+        let targets = self.native.note_process(tgid, Instant::now());
+        self.attach_native(targets, tgid);
+    }
+
+    /// Python processes that had not imported gevent yet are looked at again.
+    pub fn rescan_native(&mut self) {
+        let targets = self.native.rescan(Instant::now());
+        self.attach_native(targets, 0);
+    }
+
+    fn attach_native(&mut self, targets: Vec<NativeTarget>, tgid: u32) {
+        for target in targets {
+            let hooked = match self.probes.attach_native(target.kind, &target.path) {
+                Some(Ok(())) => {
+                    info!(kind = ?target.kind, file = %target.path.display(), "native uprobes attached");
+                    true
+                }
+                Some(Err(err)) => {
+                    warn!(kind = ?target.kind, file = %target.path.display(), "attaching native uprobes failed (linked by thread): {err:#}");
+                    false
+                }
+                None => false,
+            };
+            self.native.settle(&target, hooked, tgid);
         }
     }
 
@@ -546,8 +601,9 @@ impl Agent {
         let p = &self.pipes.counters;
         let inv = &self.builder.plugins.counters;
         let g = &self.builder.goroutines.counters;
+        let tc = &self.builder.context.counters;
         info!(
-            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} h2_conns={} h2_streams={} h2_errors={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} cross_process_links={} h2_headerless={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={} go_binaries={} go_unhooked={} go_events={} go_dropped={} go_inflight_full={} go_spawns={} go_client_starts={} go_client_owned={} go_routes={} go_handler_starts={} go_handler_rebound={} go_evicted={}",
+            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} h2_conns={} h2_streams={} h2_errors={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} cross_process_links={} h2_headerless={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={} go_binaries={} go_unhooked={} go_events={} go_dropped={} go_inflight_full={} go_spawns={} go_client_starts={} go_client_owned={} go_routes={} go_handler_starts={} go_handler_rebound={} go_evicted={} greenlet_libs={} greenlet_switches={} greenlet_rescans={} nginx_binaries={} nginx_events={} nginx_dropped={} native_failed={} trace_joined={} trace_not_joined={} dify_roots={} trace_facts={} trace_facts_evicted={}",
             self.counters.spans,
             export.spans_dropped,
             k[counter::COPY_FAILED as usize],
@@ -597,6 +653,18 @@ impl Agent {
             g.handler_starts,
             g.handler_rebound,
             g.evicted,
+            self.native.counters.greenlet_hooked,
+            k[counter::GREENLET_SWITCHES as usize],
+            self.native.rescanned(),
+            self.native.counters.nginx_hooked,
+            k[counter::NGINX_EVENTS as usize],
+            k[counter::NGINX_RESERVE_FAILED as usize],
+            self.native.counters.failed,
+            tc.joined,
+            tc.not_joined,
+            tc.dify_roots,
+            self.builder.context.len(),
+            tc.evicted,
         );
     }
 }
@@ -612,6 +680,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         emit_exec: !selection.exes.is_empty(),
         follow_pipes: config.follow_pipes,
         go_uprobes: config.go_uprobes,
+        greenlets: config.greenlets,
+        nginx: config.nginx_uprobes,
     };
     let mut probes = Probes::load(&kernel_selection)?;
     let mut own_sockets = SelfSockets::new();
@@ -632,6 +702,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         probes,
         selection,
         go,
+        native: NativeTargets::new(config.greenlets, config.nginx_uprobes),
         conns: ConnTable::new(),
         pipes: PipeTable::new(),
         builder: SpanBuilder::new(Clock::now()),
@@ -661,6 +732,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|err| anyhow::anyhow!("registering the ring buffer with tokio: {err}"))?;
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
+    let mut native_rescan = tokio::time::interval(NATIVE_RESCAN_EVERY);
     // A zero interval disables the stats line; the timer then fires too rarely to matter.
     let stats_every = match config.stats_interval_secs {
         0 => Duration::from_secs(u64::from(u32::MAX)),
@@ -695,6 +767,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             Some(inspected) = go_inspected.recv() => agent.on_inspected(inspected),
             _ = housekeeping.tick() => agent.tick(),
+            _ = native_rescan.tick() => agent.rescan_native(),
             _ = stats.tick() => agent.log_stats(),
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -730,7 +803,7 @@ impl Agent {
         let mut tables: HashMap<String, HashMap<u64, procfs::TcpSocket>> = HashMap::new();
         let now = monotonic_ns();
         for &tgid in &chosen {
-            self.go.note_process(tgid);
+            self.note_binaries(tgid);
             if !trace_all {
                 self.probes.watch(tgid);
                 // Named now: a process that exits before its first record is read (a

@@ -61,6 +61,14 @@ pub struct Cli {
     /// make unreliable.
     #[arg(long)]
     pub no_go: bool,
+    /// No uprobes on greenlet's switch: gevent processes (many requests per OS thread) are
+    /// then linked by thread, which greenlets make unreliable.
+    #[arg(long)]
+    pub no_greenlets: bool,
+    /// No uprobes on nginx: its upstream requests are then linked by thread, which nginx's
+    /// event loop makes unreliable under concurrency.
+    #[arg(long)]
+    pub no_nginx: bool,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     pub log_level: String,

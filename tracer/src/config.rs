@@ -22,6 +22,10 @@ pub struct Config {
     pub follow_pipes: bool,
     /// Put uprobes on Go binaries.
     pub go_uprobes: bool,
+    /// Put uprobes on greenlet's switch (gevent).
+    pub greenlets: bool,
+    /// Put uprobes on nginx.
+    pub nginx_uprobes: bool,
 }
 
 impl Config {
@@ -47,6 +51,8 @@ impl Config {
             stats_interval_secs: cli.stats_interval,
             follow_pipes: !cli.no_pipes,
             go_uprobes: !cli.no_go,
+            greenlets: !cli.no_greenlets,
+            nginx_uprobes: !cli.no_nginx,
         })
     }
 }

@@ -31,9 +31,16 @@ const APT_PACKAGES: &[&str] = &[
     "nginx",
 ];
 /// Pinned so a CI run tomorrow tests against the same servers as today.
-const PYTHON_PACKAGES: &[&str] = &["flask==3.1.3", "gunicorn==27.0.1", "gevent==26.9.0"];
+const PYTHON_PACKAGES: &[&str] = &[
+    "flask==3.1.3",
+    "gunicorn==27.0.1",
+    "gevent==26.9.0",
+    "httpx==0.28.1",
+    // gunicorn's gevent worker imports it without declaring it.
+    "packaging==26.4",
+];
 /// `import` names matching PYTHON_PACKAGES, to tell whether the venv is complete.
-const PYTHON_IMPORTS: &str = "import flask, gunicorn, gevent";
+const PYTHON_IMPORTS: &str = "import flask, gunicorn, gevent, httpx, packaging";
 const JAEGER_MODULE: &str = "github.com/jaegertracing/jaeger";
 const JAEGER_VERSION: &str = "v1.76.0";
 

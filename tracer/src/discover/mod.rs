@@ -3,6 +3,7 @@
 pub mod go_binaries;
 pub mod gobin;
 pub mod naming;
+pub mod native_targets;
 pub mod plugin_runtime;
 pub mod procfs;
 pub mod selection;

@@ -7,7 +7,9 @@ use std::{
 };
 
 use thiserror::Error;
-use tracer_common::{ConnEvent, DataEvent, GoEvent, MAX_CAPTURE, ProcEvent, SockAddr, kind};
+use tracer_common::{
+    ConnEvent, DataEvent, GoEvent, MAX_CAPTURE, NginxEvent, ProcEvent, SockAddr, kind,
+};
 
 /// One socket data chunk, borrowing the captured bytes from the ring buffer.
 #[derive(Debug, Clone, Copy)]
@@ -28,7 +30,8 @@ pub struct DataChunk<'a> {
     pub seq: u32,
     /// Whether the fd is a pipe (else a socket).
     pub pipe: bool,
-    /// The goroutine that made the syscall, when the process is Go (else meaningless).
+    /// The goroutine that made the syscall, when the process is Go, or the greenlet marked
+    /// with `GREENLET_MARK` (else meaningless).
     pub goroutine: u64,
 }
 
@@ -55,6 +58,7 @@ pub enum Event<'a> {
     Conn(ConnEvent),
     Proc(ProcEvent),
     Go(GoRecord),
+    Nginx(NginxEvent),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -139,6 +143,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 text_truncated: ev.text_total as usize > text_len,
             }))
         }
+        kind::NGINX => Ok(Event::Nginx(read(bytes, record_kind)?)),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }

@@ -3,6 +3,7 @@
 pub mod btf;
 pub mod event;
 pub mod go;
+pub mod native;
 pub mod tracefs;
 
 use std::os::fd::AsRawFd as _;
@@ -41,6 +42,10 @@ pub struct KernelSelection {
     pub follow_pipes: bool,
     /// Put uprobes on Go binaries (goroutine-aware linking, routes).
     pub go_uprobes: bool,
+    /// Greenlet contexts for gevent processes (uprobes on greenlet's switch).
+    pub greenlets: bool,
+    /// nginx upstream uprobes.
+    pub nginx: bool,
 }
 
 /// The kernel struct offsets for walking an fd to its inode (pipes) and to its socket's
@@ -73,6 +78,8 @@ pub struct Probes {
     /// binary.
     ebpf: Ebpf,
     go: Option<go::GoAttacher>,
+    native: native::NativeAttacher,
+    native_kinds: Vec<native::NativeKind>,
     ring: Option<RingBuf<MapData>>,
     watched: BpfHashMap<MapData, u32, u8>,
     sockets: BpfHashMap<MapData, u64, SockInfo>,
@@ -107,6 +114,9 @@ impl Probes {
         }
         if selection.go_uprobes {
             features |= tracer_common::feature::GO_GOROUTINES;
+        }
+        if selection.greenlets {
+            features |= tracer_common::feature::GREENLETS;
         }
         let walk = walk.unwrap_or_default();
         let sock = sock.unwrap_or_default();
@@ -161,9 +171,18 @@ impl Probes {
         } else {
             None
         };
+        let native_kinds = [
+            (selection.greenlets, native::NativeKind::Greenlet),
+            (selection.nginx, native::NativeKind::Nginx),
+        ]
+        .into_iter()
+        .filter_map(|(on, kind)| on.then_some(kind))
+        .collect();
         Ok(Self {
             ebpf,
             go,
+            native: native::NativeAttacher::default(),
+            native_kinds,
             ring: Some(ring),
             watched,
             sockets,
@@ -189,6 +208,18 @@ impl Probes {
     }
 
     /// The ring buffer, handed once to the event loop.
+    /// Attaches the hooks of `kind` to `target`; None when they are turned off.
+    pub fn attach_native(
+        &mut self,
+        kind: native::NativeKind,
+        target: &std::path::Path,
+    ) -> Option<anyhow::Result<()>> {
+        if !self.native_kinds.contains(&kind) {
+            return None;
+        }
+        Some(self.native.attach(&mut self.ebpf, kind, target))
+    }
+
     pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
         self.ring.take()
     }

@@ -20,8 +20,9 @@ use super::{
     goroutines::Goroutines,
     h2_attrs,
     http_attrs::{self, Outcome},
-    model::{AttrValue, FinishedSpan, ProcessResource, SpanKind},
+    model::{AttrValue, FinishedSpan, ProcessResource, SpanKind, SpanLink},
     plugin::PluginSessions,
+    trace_context::TraceContext,
     traceparent,
 };
 use crate::{
@@ -29,7 +30,7 @@ use crate::{
         http1::{ChunkTs, Http1Message, StartLine},
         http2::Http2Stream,
     },
-    stream::{ConnKey, ExecCtx, Role, StreamEvent, goroutine_ctx, goroutine_of},
+    stream::{ConnKey, ExecCtx, Role, StreamEvent, fd_ctx, goroutine_ctx, goroutine_of},
 };
 
 /// What a Go process's uprobes report, as the span layer uses it.
@@ -74,12 +75,15 @@ struct Pending {
     peer: Option<SocketAddr>,
     /// Paired with the request on the other end of the connection (both ends traced).
     linked: bool,
+    /// The request's own `traceparent`, kept as a link when it is not the span's parent.
+    incoming: Option<traceparent::TraceParent>,
 }
 
 struct PendingH2 {
     ids: SpanIds,
     ctx: u64,
     linked: bool,
+    incoming: Option<traceparent::TraceParent>,
 }
 
 /// HTTP/2 streams waiting for their end, at most (beyond it the oldest are dropped).
@@ -114,6 +118,7 @@ pub struct SpanBuilder {
     pub plugins: PluginSessions,
     pub goroutines: Goroutines,
     ends: ConnEnds,
+    pub context: TraceContext,
 }
 
 impl SpanBuilder {
@@ -133,6 +138,23 @@ impl SpanBuilder {
     }
 
     pub fn on_event(
+        &mut self,
+        event: StreamEvent,
+        resources: &mut dyn ResourceSource,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        let from = out.len();
+        self.on_event_inner(event, resources, out);
+        self.apply_context(&mut out[from..]);
+    }
+
+    fn apply_context(&mut self, spans: &mut [FinishedSpan]) {
+        for span in spans {
+            self.context.apply(span);
+        }
+    }
+
+    fn on_event_inner(
         &mut self,
         event: StreamEvent,
         resources: &mut dyn ResourceSource,
@@ -192,8 +214,15 @@ impl SpanBuilder {
                         deactivate(&mut self.active, k.0.tgid, dropped.ctx, dropped.ids.span_id);
                     }
                 }
-                self.pending_h2
-                    .insert((key, stream_id), PendingH2 { ids, ctx, linked });
+                self.pending_h2.insert(
+                    (key, stream_id),
+                    PendingH2 {
+                        ids,
+                        ctx,
+                        linked,
+                        incoming,
+                    },
+                );
             }
             StreamEvent::H2Stream {
                 key,
@@ -255,8 +284,10 @@ impl SpanBuilder {
         out: &mut Vec<FinishedSpan>,
     ) {
         let clock = self.clock();
+        let from = out.len();
         self.plugins
             .process_exited(tgid, ts_ns, clock, &mut |t| resources.resource(t), out);
+        self.apply_context(&mut out[from..]);
         self.forget_process(tgid);
     }
 
@@ -268,8 +299,10 @@ impl SpanBuilder {
         out: &mut Vec<FinishedSpan>,
     ) {
         let clock = self.clock();
+        let from = out.len();
         self.plugins
             .evict_idle(now_ns, clock, &mut |t| resources.resource(t), out);
+        self.apply_context(&mut out[from..]);
     }
 
     fn on_request(
@@ -315,6 +348,7 @@ impl SpanBuilder {
             request,
             peer,
             linked,
+            incoming,
         });
     }
 
@@ -350,9 +384,10 @@ impl SpanBuilder {
         let Some((_, queue)) = self.pending.get_mut(&server) else {
             return false;
         };
+        // A root, or under a traceparent: the connection's other end wins over a header.
         let Some(pending) = queue
             .iter_mut()
-            .find(|p| !p.linked && p.ids.parent_span_id.is_none())
+            .find(|p| !p.linked && (p.ids.parent_span_id.is_none() || p.ids.parent_is_remote))
         else {
             return false;
         };
@@ -375,7 +410,8 @@ impl SpanBuilder {
         let Some(pending) = self.pending_h2.get_mut(&(server, stream_id)) else {
             return false;
         };
-        if pending.linked || pending.ids.parent_span_id.is_some() {
+        if pending.linked || (pending.ids.parent_span_id.is_some() && !pending.ids.parent_is_remote)
+        {
             return false;
         }
         pending.linked = true;
@@ -430,6 +466,9 @@ impl SpanBuilder {
                 let inferred = self
                     .serving(key.tgid, ctx)
                     .or_else(|| self.plugins.context_for(key.tgid));
+                if let (Some(parent), Some(tp)) = (inferred, incoming) {
+                    self.context.app_context(parent.trace_id, tp);
+                }
                 match (inferred, incoming) {
                     (Some(parent), _) => SpanIds {
                         trace_id: parent.trace_id,
@@ -468,7 +507,9 @@ impl SpanBuilder {
                 parent,
                 child,
             } => self.goroutines.spawned(tgid, parent, child),
-            GoFact::ClientStart { tgid, g, fd } => self.goroutines.client_start(tgid, fd, g),
+            GoFact::ClientStart { tgid, g, fd } => {
+                self.goroutines.client_start(tgid, fd, goroutine_ctx(g))
+            }
             GoFact::Route { tgid, g, route } => {
                 if let Some(ids) = self
                     .active
@@ -490,6 +531,13 @@ impl SpanBuilder {
             }
             GoFact::HandlerEnd { tgid, g, ts_ns } => self.goroutines.handler_ended(tgid, g, ts_ns),
         }
+    }
+
+    /// nginx set up upstream connection `upstream_fd` for the request that came in on
+    /// `downstream_fd`: that request's span is the parent of the next request written there.
+    pub fn nginx_upstream(&mut self, tgid: u32, downstream_fd: i32, upstream_fd: i32) {
+        self.goroutines
+            .client_start(tgid, upstream_fd, fd_ctx(downstream_fd));
     }
 
     /// A Go handler starts on `ctx`. Normally its request was read by the same goroutine and
@@ -541,15 +589,15 @@ impl SpanBuilder {
             Role::Server => SpanKind::Server,
             Role::Client => SpanKind::Client,
         };
-        let ids = match self.pending_h2.remove(&(key, stream.stream_id)) {
+        let (ids, incoming) = match self.pending_h2.remove(&(key, stream.stream_id)) {
             Some(p) => {
                 if role == Role::Server {
                     deactivate(&mut self.active, key.tgid, p.ctx, p.ids.span_id);
                 }
-                p.ids
+                (p.ids, p.incoming)
             }
             // Its request headers were never decoded (the stream began before we looked).
-            None => root_ids(),
+            None => (root_ids(), None),
         };
         let request_first = stream.request.first.unwrap_or(stream.started);
         let start_ns = match role {
@@ -571,7 +619,7 @@ impl SpanBuilder {
             start: clock.to_system_time(start_ns),
             end: clock.to_system_time(end_ns),
             attributes,
-            links: Vec::new(),
+            links: traceparent_link(&ids, incoming),
             status,
             resource: resources.resource(key.tgid),
         }
@@ -664,6 +712,12 @@ impl SpanBuilder {
                 AttrValue::Int(i64::try_from(ns).unwrap_or(i64::MAX)),
             ));
         }
+        self.context
+            .body(pending.ids.trace_id, &pending.request.body_prefix);
+        if let Some(response) = outcome.response() {
+            self.context
+                .body(pending.ids.trace_id, &response.body_prefix);
+        }
         let clock = self.clock();
         self.counters.spans += 1;
         FinishedSpan {
@@ -676,7 +730,7 @@ impl SpanBuilder {
             start: clock.to_system_time(start_ns),
             end: clock.to_system_time(end_ns),
             attributes,
-            links: Vec::new(),
+            links: traceparent_link(&pending.ids, pending.incoming),
             status,
             resource: resources.resource(key.tgid),
         }
@@ -700,6 +754,19 @@ fn response_end_ns(role: Role, last: &ChunkTs) -> u64 {
     match role {
         Role::Server => last.enter_ns,
         Role::Client => last.exit_ns,
+    }
+}
+
+/// A request's own traceparent that did not become its span's parent (our inferred parent
+/// won, or it is the context a client propagates): kept as a span link.
+fn traceparent_link(ids: &SpanIds, incoming: Option<traceparent::TraceParent>) -> Vec<SpanLink> {
+    match incoming {
+        Some(tp) if ids.parent_span_id != Some(tp.span_id) => vec![SpanLink {
+            trace_id: tp.trace_id,
+            span_id: tp.span_id,
+            attributes: vec![("link.reason".into(), AttrValue::Str("traceparent".into()))],
+        }],
+        _ => Vec::new(),
     }
 }
 
@@ -880,6 +947,10 @@ mod tests {
     /// ends know both addresses. `server_first`: the server's read of the request reaches
     /// the builder before the client's write of it.
     fn two_processes(server_first: bool) -> Vec<FinishedSpan> {
+        two_processes_with(server_first, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    }
+
+    fn two_processes_with(server_first: bool, request: &[u8]) -> Vec<FinishedSpan> {
         let client_end = ConnKey {
             tgid: 20,
             fd: 7,
@@ -901,7 +972,6 @@ mod tests {
             .open(server_end, Some(Role::Server), Some(c), w.now, &mut out);
         w.conns.set_local(server_end, Some(s));
         w.pump(out);
-        let request: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
         if server_first {
             w.io(server_end, 31, true, request);
             w.io(client_end, 21, false, request);
@@ -928,6 +998,34 @@ mod tests {
             );
             assert_eq!(server.parent_span_id, Some(client.span_id));
             assert_eq!(client.parent_span_id, None);
+        }
+    }
+
+    /// The plugin daemon sends a fresh traceparent on every call: where the connection's
+    /// other end is traced, that CLIENT span stays the parent (whichever end is seen first)
+    /// and the header becomes a link.
+    #[test]
+    fn inferred_parent_wins_over_traceparent_which_becomes_a_link() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let request = format!(
+            "POST /inner/api/invoke/tool HTTP/1.1\r\nHost: a\r\ntraceparent: {tp}\r\nContent-Length: 0\r\n\r\n"
+        );
+        for server_first in [false, true] {
+            let spans = two_processes_with(server_first, request.as_bytes());
+            let server = spans.iter().find(|s| s.kind == SpanKind::Server).unwrap();
+            let client = spans.iter().find(|s| s.kind == SpanKind::Client).unwrap();
+            assert_eq!(
+                server.parent_span_id,
+                Some(client.span_id),
+                "server_first={server_first}"
+            );
+            assert!(!server.parent_is_remote);
+            assert_eq!(server.trace_id, client.trace_id);
+            assert_eq!(server.links.len(), 1, "server_first={server_first}");
+            assert_eq!(
+                crate::span::model::hex(&server.links[0].span_id),
+                "00f067aa0ba902b7"
+            );
         }
     }
 

@@ -40,8 +40,9 @@ pub struct Goroutines {
     /// (tgid, child goroutine) -> parent goroutine, with the order of insertion.
     parents: HashMap<(u32, u64), (u64, u64)>,
     next_order: u64,
-    /// (tgid, fd) -> goroutine whose request will be written on that connection next.
-    client_owner: HashMap<(u32, i32), u64>,
+    /// (tgid, fd) -> the context (a goroutine; for nginx, its downstream connection) whose
+    /// request will be written on that client connection next.
+    client_owner: HashMap<(u32, i32), ExecCtx>,
     /// Server span id -> route template.
     routes: HashMap<[u8; 8], String>,
     /// (tgid, goroutine) -> (span id, start) of the handler running there; no span id yet
@@ -76,8 +77,8 @@ impl Goroutines {
         self.counters.evicted += (before - self.parents.len()) as u64;
     }
 
-    /// Goroutine `g` starts a request on the client connection `fd`.
-    pub fn client_start(&mut self, tgid: u32, fd: i32, g: u64) {
+    /// `owner` starts a request on the client connection `fd`.
+    pub fn client_start(&mut self, tgid: u32, fd: i32, owner: ExecCtx) {
         self.counters.client_starts += 1;
         if self.client_owner.len() >= MAX_CLIENT_OWNERS
             && !self.client_owner.contains_key(&(tgid, fd))
@@ -85,14 +86,14 @@ impl Goroutines {
             self.counters.evicted += self.client_owner.len() as u64;
             self.client_owner.clear();
         }
-        self.client_owner.insert((tgid, fd), g);
+        self.client_owner.insert((tgid, fd), owner);
     }
 
-    /// The goroutine that asked for the request now seen on (tgid, fd), if a uprobe said so.
+    /// The context that asked for the request now seen on (tgid, fd), if a uprobe said so.
     pub fn take_client_owner(&mut self, tgid: u32, fd: i32) -> Option<ExecCtx> {
-        let g = self.client_owner.remove(&(tgid, fd))?;
+        let owner = self.client_owner.remove(&(tgid, fd))?;
         self.counters.client_owned += 1;
-        Some(goroutine_ctx(g))
+        Some(owner)
     }
 
     /// The contexts to look in for the request `ctx` works for: itself, then the goroutines
@@ -210,7 +211,7 @@ mod tests {
     #[test]
     fn client_owner_is_taken_once() {
         let mut gs = Goroutines::default();
-        gs.client_start(1, 7, 0xf0);
+        gs.client_start(1, 7, goroutine_ctx(0xf0));
         assert_eq!(gs.take_client_owner(1, 7), Some(goroutine_ctx(0xf0)));
         assert_eq!(gs.take_client_owner(1, 7), None);
     }

@@ -69,7 +69,7 @@ pub enum Outcome<'a> {
 }
 
 impl<'a> Outcome<'a> {
-    fn response(self) -> Option<&'a Http1Message> {
+    pub fn response(self) -> Option<&'a Http1Message> {
         match self {
             Outcome::Response(r) => Some(r),
             Outcome::ConnectionClosed | Outcome::CaptureLost => None,

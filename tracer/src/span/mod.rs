@@ -8,4 +8,5 @@ pub mod h2_attrs;
 pub mod http_attrs;
 pub mod model;
 pub mod plugin;
+pub mod trace_context;
 pub mod traceparent;

@@ -14,6 +14,26 @@ pub type ExecCtx = u64;
 /// Marks a goroutine's execution context (a runtime.g address is a user-space address, below
 /// this bit), so it never equals a thread id.
 const GOROUTINE_TAG: u64 = 1 << 63;
+/// Marks a greenlet's execution context (its greenlet::Greenlet address).
+const GREENLET_TAG: u64 = 1 << 62;
+/// Marks a connection's execution context (event-loop servers such as nginx, where the
+/// downstream connection is what a request's work is tied to).
+const FD_TAG: u64 = 1 << 61;
+
+/// The execution context of a greenlet.
+pub fn greenlet_ctx(greenlet: u64) -> ExecCtx {
+    (greenlet & ((1 << 48) - 1)) | GREENLET_TAG
+}
+
+/// The execution context of the connection on `fd`.
+pub fn fd_ctx(fd: i32) -> ExecCtx {
+    u64::from(fd as u32) | FD_TAG
+}
+
+/// The greenlet a data record names (`tracer_common::GREENLET_MARK` in its goroutine field).
+pub fn marked_greenlet(raw: u64) -> Option<u64> {
+    (raw & !((1 << 48) - 1) == tracer_common::GREENLET_MARK).then_some(raw & ((1 << 48) - 1))
+}
 
 /// The execution context of a goroutine (its runtime.g address).
 pub fn goroutine_ctx(g: u64) -> ExecCtx {
