@@ -15,7 +15,7 @@ use tracer_common::{ProcEvent, counter, kind};
 
 use crate::util::{
     COMM_FILTER, EVENTS, WATCHED, bump, current_if_watched, emit_exec, fork_child_pid_offset,
-    trace_all, wakeup_flags,
+    greenlets, trace_all, wakeup_flags,
 };
 
 #[inline(always)]
@@ -85,6 +85,10 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
     let tid = id as u32;
+    if greenlets() {
+        // A later thread with the same id must not inherit this one's greenlet.
+        let _ = crate::native::GREENLETS.remove(&id);
+    }
     if tid != tgid {
         if !trace_all() {
             // Only a thread: drop the entry its creation may have added.

@@ -32,6 +32,8 @@ const GO_TOOL_COMM: &str = "gotool";
 pub enum Target {
     /// gunicorn sync workers + Flask, `GET /hello`.
     Gunicorn,
+    /// The same app on gevent workers (Dify's API): greenlet switch uprobes fire per request.
+    Gevent,
     /// tests/fixtures/godaemon: gin `POST /plugin/:tenant_id/dispatch/tool/invoke`, whose
     /// handler calls a Go net/http tool service from a new goroutine.
     Go,
@@ -41,8 +43,9 @@ impl Target {
     pub fn parse(name: &str) -> Result<Target> {
         match name {
             "gunicorn" => Ok(Target::Gunicorn),
+            "gevent" => Ok(Target::Gevent),
             "go" => Ok(Target::Go),
-            other => bail!("bench: unknown target {other:?} (gunicorn, go)"),
+            other => bail!("bench: unknown target {other:?} (gunicorn, gevent, go)"),
         }
     }
 
@@ -50,13 +53,14 @@ impl Target {
     fn section_id(self) -> &'static str {
         match self {
             Target::Gunicorn => "gunicorn-flask-hello",
+            Target::Gevent => "gunicorn-gevent-hello",
             Target::Go => "go-gin-tool",
         }
     }
 
     fn comms(self) -> &'static [&'static str] {
         match self {
-            Target::Gunicorn => &[SERVER_COMM],
+            Target::Gunicorn | Target::Gevent => &[SERVER_COMM],
             Target::Go => &[GO_DAEMON_COMM, GO_TOOL_COMM],
         }
     }
@@ -107,7 +111,7 @@ impl Default for Options {
             connections: 16,
             threads: 2,
             warmup_secs: 2,
-            targets: vec![Target::Gunicorn, Target::Go],
+            targets: vec![Target::Gunicorn, Target::Gevent, Target::Go],
             off_only: false,
             write_docs: true,
             command_line: "cargo xtask bench".to_string(),
@@ -157,7 +161,8 @@ pub fn bench(opts: &Options) -> Result<()> {
 fn bench_target(opts: &Options, target: Target, agent: Option<&Path>, dir: &Path) -> Result<bool> {
     say!("== target {target:?}");
     let service = match target {
-        Target::Gunicorn => start_gunicorn(dir)?,
+        Target::Gunicorn => start_gunicorn(dir, "sync")?,
+        Target::Gevent => start_gunicorn(dir, "gevent")?,
         Target::Go => start_go(dir)?,
     };
     let url = service.url.clone();
@@ -326,10 +331,10 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn start_gunicorn(dir: &Path) -> Result<Service> {
+fn start_gunicorn(dir: &Path, worker_class: &str) -> Result<Service> {
     std::fs::write(dir.join("app.py"), APP_PY).context("writing the bench app")?;
     let port = free_port()?;
-    let server = start_server(dir, port)?;
+    let server = start_server(dir, port, worker_class)?;
     let versions = crate::util::probe(command(venv_python()).args([
         "-c",
         "import importlib.metadata as m; print('Flask', m.version('flask'), \
@@ -341,8 +346,8 @@ fn start_gunicorn(dir: &Path) -> Result<Service> {
         _procs: vec![server],
         url: format!("http://127.0.0.1:{port}/hello"),
         script: None,
-        title: "gunicorn + Flask, `GET /hello`, sync workers".to_string(),
-        description: format!("{versions}, {GUNICORN_WORKERS} sync workers on 127.0.0.1"),
+        title: format!("gunicorn + Flask, `GET /hello`, {worker_class} workers"),
+        description: format!("{versions}, {GUNICORN_WORKERS} {worker_class} workers on 127.0.0.1"),
     })
 }
 
@@ -453,12 +458,12 @@ fn start_go_proc(
     }
 }
 
-fn start_server(dir: &Path, port: u16) -> Result<Proc> {
+fn start_server(dir: &Path, port: u16, worker_class: &str) -> Result<Proc> {
     let log_path = dir.join("gunicorn.log");
     let log = std::fs::File::create(&log_path).context("creating gunicorn.log")?;
     let mut cmd = command(venv_dir().join("bin").join("gunicorn"));
     cmd.args(["--workers", &GUNICORN_WORKERS.to_string()])
-        .args(["--worker-class", "sync"])
+        .args(["--worker-class", worker_class])
         .args(["--bind", &format!("127.0.0.1:{port}")])
         .arg("--chdir")
         .arg(dir)
@@ -697,7 +702,9 @@ fn run_agent_round(
     let started = Instant::now();
     // Go uprobes are attached a moment after the agent is ready (the binaries are read off
     // the event loop); the load must not start before.
-    if target == Target::Go {
+    // Native (greenlet) uprobes too: gunicorn is adopted at start-up and hooked at once, but
+    // the attach is logged after the ready file.
+    if matches!(target, Target::Go | Target::Gevent) {
         std::thread::sleep(Duration::from_secs(2));
     }
     let wrk = run_wrk(opts, url, script, opts.duration_secs)?;

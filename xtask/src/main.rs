@@ -40,10 +40,10 @@ COMMANDS:
         setup --with-test-deps, fmt check, clippy, build the release agent, run the tests.
         This is what CI runs. TEST ARGS go to the test binaries (a name filter, say).
     bench [--duration SECS] [--rounds N] [--connections C] [--threads T]
-          [--warmup SECS] [--targets gunicorn,go] [--off-only] [--no-docs]
-        Load each target (gunicorn/Flask sync workers; the Go gin service of
-        tests/fixtures/godaemon calling a Go tool service) with wrk, alternating rounds
-        without and with the agent (defaults: both targets, 10 s, 3 rounds each, 16
+          [--warmup SECS] [--targets gunicorn,gevent,go] [--off-only] [--no-docs]
+        Load each target (gunicorn/Flask sync workers; the same on gevent workers; the Go
+        gin service of tests/fixtures/godaemon calling a Go tool service) with wrk,
+        alternating rounds without and with the agent (defaults: all targets, 10 s, 3 rounds each, 16
         connections, 2 threads, 2 s warm-up); print a table per target and write it into
         docs/benchmarks.md (not with --no-docs).
         --off-only runs the baseline alone (no agent, no root, docs untouched).
