@@ -17,6 +17,7 @@
 //!   not only of failed ones.
 
 pub mod agent;
+pub mod difystack;
 pub mod goapp;
 pub mod grpc;
 pub mod jaeger;

@@ -312,9 +312,10 @@ impl Agent {
                     _ => None,
                 };
                 let peer = event::socket_addr(&conn.peer);
+                let local = event::socket_addr(&conn.local);
                 if conn.kind == kind::ACCEPT
                     && let Some(peer) = peer
-                    && self.own_sockets.is_own(peer, conn.ts_ns)
+                    && self.own_sockets.is_own(peer, local, conn.ts_ns)
                 {
                     // The agent's own export, received by a traced collector. Records already
                     // in the ring for it are dropped by the ignored entry.
@@ -325,13 +326,14 @@ impl Agent {
                 }
                 self.conns
                     .open(key, conn_role, peer, conn.ts_ns, &mut self.stream_events);
-                self.conns.set_local(key, event::socket_addr(&conn.local));
+                self.conns.set_local(key, local);
             }
             kind::OWN_CONNECT => {
                 if let Some(local) = event::socket_addr(&conn.local) {
-                    self.own_sockets.add(local);
+                    let remote = event::socket_addr(&conn.peer);
+                    self.own_sockets.add(local, remote);
                     // The collector's accept may have reached us first.
-                    for key in self.conns.keys_with_peer(local) {
+                    for key in self.conns.keys_with_peer(local, remote) {
                         self.probes.forget_socket(key.tgid, key.fd);
                         self.conns.ignore(key, conn.ts_ns, &mut self.stream_events);
                         self.counters.own_connections += 1;
@@ -577,6 +579,12 @@ impl Agent {
         (RING_BATCH, false)
     }
 
+    /// Spans still waiting for their parent go out as they are.
+    fn flush_held(&mut self) {
+        self.builder.flush(&mut self.spans);
+        self.export_spans();
+    }
+
     /// Periodic housekeeping.
     pub fn tick(&mut self) {
         self.own_sockets.refresh();
@@ -602,8 +610,9 @@ impl Agent {
         let inv = &self.builder.plugins.counters;
         let g = &self.builder.goroutines.counters;
         let tc = &self.builder.context.counters;
+        let lb = &self.builder.late.counters;
         info!(
-            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} h2_conns={} h2_streams={} h2_errors={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} cross_process_links={} h2_headerless={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={} go_binaries={} go_unhooked={} go_events={} go_dropped={} go_inflight_full={} go_spawns={} go_client_starts={} go_client_owned={} go_routes={} go_handler_starts={} go_handler_rebound={} go_evicted={} greenlet_libs={} greenlet_switches={} greenlet_rescans={} nginx_binaries={} nginx_events={} nginx_dropped={} native_failed={} trace_joined={} trace_not_joined={} dify_roots={} trace_facts={} trace_facts_evicted={}",
+            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} h2_conns={} h2_streams={} h2_errors={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} cross_process_links={} h2_headerless={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={} go_binaries={} go_unhooked={} go_events={} go_dropped={} go_inflight_full={} go_spawns={} go_client_starts={} go_client_owned={} go_routes={} go_handler_starts={} go_handler_rebound={} go_evicted={} greenlet_libs={} greenlet_switches={} greenlet_rescans={} nginx_binaries={} nginx_events={} nginx_dropped={} native_failed={} trace_joined={} trace_not_joined={} dify_roots={} trace_facts={} trace_facts_evicted={} late_provisional={} late_resolved={} late_fallback={} late_bound={} late_held={}",
             self.counters.spans,
             export.spans_dropped,
             k[counter::COPY_FAILED as usize],
@@ -665,6 +674,11 @@ impl Agent {
             tc.dify_roots,
             self.builder.context.len(),
             tc.evicted,
+            lb.provisional,
+            lb.resolved,
+            lb.fallback,
+            lb.bound,
+            self.builder.late.held_len(),
         );
     }
 }
@@ -774,6 +788,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     agent.drain_ring(ring.get_mut());
+    agent.flush_held();
     info!("shutting down");
     agent.log_stats();
     agent.exporter.shutdown();

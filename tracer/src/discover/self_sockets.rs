@@ -1,10 +1,12 @@
 //! The agent's own TCP sockets. The kernel side never traces the agent, but a traced
 //! collector that receives the agent's exports would otherwise produce a span per export,
 //! which is exported in turn: a loop. Connections accepted from one of these local addresses
-//! are therefore ignored.
+//! are therefore ignored, when the accepting socket is the one the agent connected to: since
+//! Linux lets one local port connect to different destinations, a traced service's client
+//! can share a port number with the agent's export socket, and must not be taken for it.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
@@ -13,7 +15,9 @@ use crate::span::clock::monotonic_ns;
 
 pub struct SelfSockets {
     pid: u32,
-    local: HashSet<SocketAddr>,
+    /// Local address -> the remote addresses the agent is connected to from it (None when
+    /// unknown, which then matches any).
+    local: HashMap<SocketAddr, HashSet<Option<SocketAddr>>>,
     /// CLOCK_MONOTONIC of the last read; a connection accepted after it may be missing.
     read_ns: u64,
     /// The kernel side reports the agent's connects with their local address: /proc is not
@@ -29,7 +33,7 @@ impl SelfSockets {
     pub fn new() -> Self {
         Self {
             pid: std::process::id(),
-            local: HashSet::new(),
+            local: HashMap::new(),
             read_ns: 0,
             reported_by_kernel: false,
         }
@@ -41,19 +45,30 @@ impl SelfSockets {
         self.reported_by_kernel = true;
     }
 
-    /// One of the agent's own connects, as the kernel side saw it.
-    pub fn add(&mut self, local: SocketAddr) {
+    /// One of the agent's own connects, from `local` to `remote`, as the kernel side saw it.
+    pub fn add(&mut self, local: SocketAddr, remote: Option<SocketAddr>) {
         self.reported_by_kernel = true;
         if self.local.len() >= MAX_OWN_SOCKETS {
             self.refresh();
         }
-        self.local.insert(local);
+        self.local.entry(local).or_default().insert(remote);
     }
 
-    /// True when `peer`, accepted at `accepted_ns` (CLOCK_MONOTONIC), is a socket of the
-    /// agent itself.
-    pub fn is_own(&mut self, peer: SocketAddr, accepted_ns: u64) -> bool {
-        if self.local.contains(&peer) {
+    fn matches(&self, peer: SocketAddr, server: Option<SocketAddr>) -> bool {
+        self.local.get(&peer).is_some_and(|remotes| {
+            server.is_none() || remotes.contains(&None) || remotes.contains(&server)
+        })
+    }
+
+    /// True when `peer`, accepted at `accepted_ns` (CLOCK_MONOTONIC) on a socket whose
+    /// own address is `server` (when known), is a socket of the agent itself.
+    pub fn is_own(
+        &mut self,
+        peer: SocketAddr,
+        server: Option<SocketAddr>,
+        accepted_ns: u64,
+    ) -> bool {
+        if self.matches(peer, server) {
             return true;
         }
         // Exports to a collector on this host go through loopback; any other peer is only
@@ -66,28 +81,38 @@ impl SelfSockets {
             return false;
         }
         self.refresh();
-        self.local.contains(&peer)
+        self.matches(peer, server)
     }
 
     /// Re-reads the local addresses of the agent's sockets: a handful of getsockname calls,
     /// cheap enough to run whenever a new loopback peer shows up.
     pub fn refresh(&mut self) {
         self.read_ns = monotonic_ns();
-        self.local = procfs::socket_fds(self.pid)
-            .into_iter()
-            .filter_map(|(fd, _)| local_addr(fd))
-            .collect();
+        let mut local: HashMap<SocketAddr, HashSet<Option<SocketAddr>>> = HashMap::new();
+        for (fd, _) in procfs::socket_fds(self.pid) {
+            if let Some(addr) = sock_addr(fd, libc::getsockname) {
+                local
+                    .entry(addr)
+                    .or_default()
+                    .insert(sock_addr(fd, libc::getpeername));
+            }
+        }
+        self.local = local;
     }
 }
 
-/// The local address of one of this process's socket fds.
-fn local_addr(fd: i32) -> Option<SocketAddr> {
-    // SAFETY: sockaddr_storage is plain data; getsockname writes at most `len` bytes.
+type AddrCall =
+    unsafe extern "C" fn(libc::c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int;
+
+/// The local (`getsockname`) or remote (`getpeername`) address of one of this process's
+/// socket fds.
+fn sock_addr(fd: i32, call: AddrCall) -> Option<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain data; the call writes at most `len` bytes.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: valid pointers to owned storage; a stale fd only yields an error or an
     // unrelated address, which is harmless here.
-    let rc = unsafe { libc::getsockname(fd, (&raw mut storage).cast(), &mut len) };
+    let rc = unsafe { call(fd, (&raw mut storage).cast(), &mut len) };
     if rc != 0 {
         return None;
     }
@@ -126,11 +151,30 @@ mod tests {
         let client = std::net::TcpStream::connect(server).expect("connect");
         let mut own = SelfSockets::new();
         let now = monotonic_ns();
-        assert!(own.is_own(client.local_addr().expect("local"), now));
-        assert!(!own.is_own("127.0.0.1:1".parse().expect("addr"), now));
-        assert!(!own.is_own("10.1.2.3:4".parse().expect("addr"), now));
+        let local = client.local_addr().expect("local");
+        assert!(own.is_own(local, Some(server), now));
+        assert!(own.is_own(local, None, now));
+        // The same port connected elsewhere (Linux allows it) is someone else's socket.
+        assert!(!own.is_own(local, Some("127.0.0.1:9".parse().expect("addr")), now));
+        assert!(!own.is_own("127.0.0.1:1".parse().expect("addr"), None, now));
+        assert!(!own.is_own("10.1.2.3:4".parse().expect("addr"), None, now));
         // A connection opened after the last read is found without waiting.
         let late = std::net::TcpStream::connect(server).expect("connect");
-        assert!(own.is_own(late.local_addr().expect("local"), monotonic_ns()));
+        assert!(own.is_own(
+            late.local_addr().expect("local"),
+            Some(server),
+            monotonic_ns()
+        ));
+    }
+
+    #[test]
+    fn reported_connects_match_by_both_ends() {
+        let mut own = SelfSockets::new();
+        let agent: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        let collector: SocketAddr = "127.0.0.1:4317".parse().expect("addr");
+        own.add(agent, Some(collector));
+        let now = monotonic_ns();
+        assert!(own.is_own(agent, Some(collector), now));
+        assert!(!own.is_own(agent, Some("127.0.0.1:8080".parse().expect("addr")), now));
     }
 }

@@ -16,10 +16,12 @@ use rand::Rng as _;
 
 use super::{
     clock::Clock,
+    clock::monotonic_ns,
     conn_ends::ConnEnds,
     goroutines::Goroutines,
     h2_attrs,
     http_attrs::{self, Outcome},
+    late_binding::LateBinding,
     model::{AttrValue, FinishedSpan, ProcessResource, SpanKind, SpanLink},
     plugin::PluginSessions,
     trace_context::TraceContext,
@@ -119,6 +121,7 @@ pub struct SpanBuilder {
     pub goroutines: Goroutines,
     ends: ConnEnds,
     pub context: TraceContext,
+    pub late: LateBinding,
 }
 
 impl SpanBuilder {
@@ -145,13 +148,30 @@ impl SpanBuilder {
     ) {
         let from = out.len();
         self.on_event_inner(event, resources, out);
-        self.apply_context(&mut out[from..]);
+        self.finalize(out, from);
     }
 
-    fn apply_context(&mut self, spans: &mut [FinishedSpan]) {
-        for span in spans {
+    /// The spans made since `from` in `out`: held while their parent is not known yet (see
+    /// `late_binding`), given what their trace learned, plus the held spans just settled.
+    fn finalize(&mut self, out: &mut Vec<FinishedSpan>, from: usize) {
+        let now = monotonic_ns();
+        let new: Vec<FinishedSpan> = out.drain(from..).collect();
+        for span in new {
+            if let Some(span) = self.late.apply(span, now) {
+                out.push(span);
+            }
+        }
+        out.extend(self.late.take_released());
+        for span in &mut out[from..] {
             self.context.apply(span);
         }
+    }
+
+    /// At shutdown: the held spans go out with their fallback parents.
+    pub fn flush(&mut self, out: &mut Vec<FinishedSpan>) {
+        let from = out.len();
+        self.late.expire(monotonic_ns(), None, true);
+        self.finalize(out, from);
     }
 
     fn on_event_inner(
@@ -257,6 +277,10 @@ impl SpanBuilder {
                     .and_then(|stack| stack.last())
                     .copied();
                 let clock = self.clock();
+                // Looked up before the line is applied: an `end` closes what it names.
+                let named = (!ingress)
+                    .then(|| self.plugins.named_by_line(key.tgid, &line))
+                    .flatten();
                 self.plugins.on_line(
                     key.tgid,
                     inode,
@@ -267,6 +291,12 @@ impl SpanBuilder {
                     &mut |tgid| resources.resource(tgid),
                     out,
                 );
+                if let Some((ids, ends)) = named {
+                    self.late.named(key.tgid, line.ctx, ids);
+                    if ends {
+                        self.late.unbind(key.tgid, line.ctx);
+                    }
+                }
             }
         }
     }
@@ -287,7 +317,8 @@ impl SpanBuilder {
         let from = out.len();
         self.plugins
             .process_exited(tgid, ts_ns, clock, &mut |t| resources.resource(t), out);
-        self.apply_context(&mut out[from..]);
+        self.late.expire(monotonic_ns(), Some(tgid), false);
+        self.finalize(out, from);
         self.forget_process(tgid);
     }
 
@@ -302,7 +333,8 @@ impl SpanBuilder {
         let from = out.len();
         self.plugins
             .evict_idle(now_ns, clock, &mut |t| resources.resource(t), out);
-        self.apply_context(&mut out[from..]);
+        self.late.expire(now_ns, None, false);
+        self.finalize(out, from);
     }
 
     fn on_request(
@@ -463,9 +495,13 @@ impl SpanBuilder {
                 ids
             }
             Role::Client => {
-                let inferred = self
-                    .serving(key.tgid, ctx)
-                    .or_else(|| self.plugins.context_for(key.tgid));
+                let inferred = match self.serving(key.tgid, ctx) {
+                    Some(ids) => Some(ids),
+                    None => match self.worker_context(key.tgid, ctx, incoming) {
+                        Ok(parent) => parent,
+                        Err(provisional) => return provisional,
+                    },
+                };
                 if let (Some(parent), Some(tp)) = (inferred, incoming) {
                     self.context.app_context(parent.trace_id, tp);
                 }
@@ -487,6 +523,44 @@ impl SpanBuilder {
                 }
             }
         }
+    }
+
+    /// The parent of an outbound request made outside any SERVER context by a process that
+    /// works for plugin sessions (a plugin runtime, or the daemon answering backwards
+    /// invocations): the session its worker named, the only session open, or else (`Err`)
+    /// provisional ids resolved when the worker names its session (`late_binding`).
+    fn worker_context(
+        &mut self,
+        tgid: u32,
+        ctx: ExecCtx,
+        incoming: Option<traceparent::TraceParent>,
+    ) -> Result<Option<SpanIds>, SpanIds> {
+        if !self.plugins.has_open_work(tgid) {
+            return Ok(None);
+        }
+        if let Some(ids) = self.late.bound(tgid, ctx) {
+            return Ok(Some(ids));
+        }
+        if let Some(ids) = self.plugins.only_server_session(tgid) {
+            return Ok(Some(ids));
+        }
+        let ids = root_ids();
+        let (fallback, remote) = match (self.plugins.context_for(tgid), incoming) {
+            (Some(latest), _) => (Some(latest), false),
+            (None, Some(tp)) => (
+                Some(SpanIds {
+                    trace_id: tp.trace_id,
+                    span_id: tp.span_id,
+                    parent_span_id: None,
+                    parent_is_remote: true,
+                }),
+                true,
+            ),
+            (None, None) => (None, false),
+        };
+        self.late
+            .provisional(tgid, ctx, &ids, fallback.as_ref(), remote);
+        Err(ids)
     }
 
     /// The SERVER span the execution context `ctx` works for: its own, else (goroutines)

@@ -6,6 +6,7 @@ pub mod conn_ends;
 pub mod goroutines;
 pub mod h2_attrs;
 pub mod http_attrs;
+pub mod late_binding;
 pub mod model;
 pub mod plugin;
 pub mod trace_context;

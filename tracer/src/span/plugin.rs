@@ -124,6 +124,52 @@ impl PluginSessions {
             .map(|(_, inv)| inv.ids)
     }
 
+    /// Whether `tgid` has sessions open on either side, or backwards invocations it answers:
+    /// its outbound requests may then be work for one of them.
+    pub fn has_open_work(&self, tgid: u32) -> bool {
+        self.open.keys().any(|(t, _)| *t == tgid)
+    }
+
+    /// The plugin-side span of the only session open in plugin process `tgid`.
+    pub fn only_server_session(&self, tgid: u32) -> Option<SpanIds> {
+        let mut server = self
+            .open
+            .iter()
+            .filter(|((t, _), inv)| *t == tgid && inv.side == Side::Server);
+        let (_, only) = server.next()?;
+        server.next().is_none().then_some(only.ids)
+    }
+
+    /// What a line written by `tgid` names as the work of its writer: in a plugin, a line of
+    /// session S names S's plugin-side span; in the daemon, an answer to backwards request
+    /// B names the plugin's span of B. With whether the line ends that work.
+    pub fn named_by_line(&self, tgid: u32, line: &StdioLine) -> Option<(SpanIds, bool)> {
+        match (&line.message.kind, &line.message.session_id) {
+            (Kind::Session(event), Some(session)) => {
+                let inv = self.open.get(&(tgid, session.clone()))?;
+                (inv.side == Side::Server).then_some((inv.ids, matches!(event, SessionEvent::End)))
+            }
+            (
+                Kind::BackwardsResponse {
+                    backwards_request_id: Some(id),
+                    event,
+                },
+                _,
+            ) => {
+                let b = self
+                    .backwards
+                    .iter()
+                    .find(|((t, r), _)| *t != tgid && r == id)
+                    .map(|(_, b)| b.ids)?;
+                Some((
+                    b,
+                    matches!(event, BackwardsEvent::End | BackwardsEvent::Error(_)),
+                ))
+            }
+            _ => None,
+        }
+    }
+
     /// One JSON line moved by `tgid` (read when `ingress`). `thread_parent` is the span active
     /// on the moving thread, if any (the daemon's inbound request).
     #[allow(clippy::too_many_arguments)]
@@ -164,6 +210,13 @@ impl PluginSessions {
                 },
                 _,
             ) if ingress => self.backwards_response(tgid, id, event, line, clock, resources, out),
+            (
+                Kind::BackwardsResponse {
+                    backwards_request_id: Some(id),
+                    event: event @ (BackwardsEvent::End | BackwardsEvent::Error(_)),
+                },
+                _,
+            ) => self.backwards_ended_by_daemon(tgid, id, event, line, clock, resources, out),
             (Kind::Heartbeat, _) => self.counters.heartbeats += 1,
             (Kind::Log { .. }, _) => self.counters.logs += 1,
             _ => {}
@@ -386,6 +439,43 @@ impl PluginSessions {
                 clock,
                 resources(tgid),
             ));
+        }
+    }
+
+    /// The daemon (`tgid`) writes the last answer of backwards request `request_id`: the
+    /// invocation is over, also when the plugin, having what it needed, never reads that
+    /// line. Its span ends when that write starts, which is after the daemon's own call for
+    /// it (to the API's inner API) has ended, so that call lies inside it.
+    #[allow(clippy::too_many_arguments)]
+    fn backwards_ended_by_daemon(
+        &mut self,
+        tgid: u32,
+        request_id: &str,
+        event: &BackwardsEvent,
+        line: &StdioLine,
+        clock: Clock,
+        resources: &mut dyn FnMut(u32) -> Arc<ProcessResource>,
+        out: &mut Vec<FinishedSpan>,
+    ) {
+        let Some(key) = self
+            .backwards
+            .keys()
+            .find(|(t, r)| *t != tgid && r == request_id)
+            .cloned()
+        else {
+            return;
+        };
+        let error = match event {
+            BackwardsEvent::Error(message) => Some(
+                message
+                    .clone()
+                    .unwrap_or_else(|| "backwards invocation failed".into()),
+            ),
+            _ => None,
+        };
+        if let Some(b) = self.backwards.remove(&key) {
+            let end = line.first.enter_ns.max(b.start_ns);
+            out.push(finish_backwards(b, end, error, clock, resources(key.0)));
         }
     }
 

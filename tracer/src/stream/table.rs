@@ -120,11 +120,13 @@ impl ConnTable {
         self.conns.insert(key, Conn::new(role, peer, ts_ns));
     }
 
-    /// Connections whose other end is `peer`.
-    pub fn keys_with_peer(&self, peer: SocketAddr) -> Vec<ConnKey> {
+    /// Connections whose peer is `peer` and whose own address is `local` (when both known).
+    pub fn keys_with_peer(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Vec<ConnKey> {
         self.conns
             .iter()
-            .filter(|(_, c)| c.peer == Some(peer))
+            .filter(|(_, c)| {
+                c.peer == Some(peer) && (local.is_none() || c.local.is_none() || c.local == local)
+            })
             .map(|(k, _)| *k)
             .collect()
     }
