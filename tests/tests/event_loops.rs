@@ -15,6 +15,9 @@
 //! `ngx_http_upstream_init` / `ngx_event_connect_peer` name the downstream connection each
 //! upstream request is for, so nginx's CLIENT span sits under its own SERVER span; with
 //! `--no-nginx` it does not.
+//!
+//! An app with its own tracing (Dify's API with `ENABLE_OTEL`) sends its context on its
+//! outbound calls: the request's spans join that trace id, and the headers become links.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -47,9 +50,29 @@ client = httpx.Client(timeout=10.0)
 @app.get("/work/<int:i>")
 def work(i):
     gevent.sleep(((i * 7) % 20) / 1000.0)
-    r = client.get("%s/down/%d" % (DOWN, i))
+    headers = {}
+    if os.environ.get("APP_TRACING"):
+        # What an OpenTelemetry-instrumented app (Dify's API with ENABLE_OTEL) sends: its
+        # own context, one trace per request.
+        headers["traceparent"] = "00-%032x-%016x-01" % (APP_TRACE_BASE + i, APP_SPAN_BASE + i)
+    r = client.get("%s/down/%d" % (DOWN, i), headers=headers)
     return "work-%d:%s" % (i, r.text), 200, {"X-Worker-Pid": str(os.getpid())}
+
+
+APP_TRACE_BASE = 0xD1F70000000000000000000000000000
+APP_SPAN_BASE = 0xABC0000000000000
 "#;
+
+/// The app's own trace and span id for request `i` when `APP_TRACING` is set.
+fn app_context(i: usize) -> (String, String) {
+    (
+        format!(
+            "{:032x}",
+            0xD1F7_0000_0000_0000_0000_0000_0000_0000u128 + i as u128
+        ),
+        format!("{:016x}", 0xABC0_0000_0000_0000u64 + i as u64),
+    )
+}
 
 /// A threaded downstream that answers `/down/<i>` after a delay that depends on `i`.
 const SLOW_DOWNSTREAM: &str = r#"
@@ -349,5 +372,102 @@ fn nginx_upstream_requests_stay_under_their_downstream_request() -> Result<()> {
         exact.len(),
         exact
     );
+    Ok(())
+}
+
+/// An app with its own tracing propagates its context on its outbound calls (Dify's API with
+/// `ENABLE_OTEL`): our spans of that request join the app's trace (same trace id), the root
+/// links to the app's context, and the downstream SERVER span stays under our CLIENT span
+/// (the traced other end wins over the header, which becomes a link).
+#[test]
+fn app_propagated_context_is_joined() -> Result<()> {
+    let Some(_e2e) = difytrace_tests::e2e("app_propagated_context_is_joined") else {
+        return Ok(());
+    };
+    check_flask_gunicorn()?;
+    let down = SlowDownstream::start()?;
+    let opts = GunicornOpts {
+        workers: 1,
+        worker_class: "gevent".into(),
+        env: vec![
+            ("DOWNSTREAM_PORT".into(), down.port.to_string()),
+            ("APP_TRACING".into(), "1".into()),
+        ],
+        ..GunicornOpts::default()
+    };
+    let mut g = Gunicorn::start(GEVENT_APP, &opts)?;
+    let worker = *g
+        .wait_workers(Duration::from_secs(30))?
+        .first()
+        .context("no gunicorn worker")?;
+    let rx = OtlpReceiver::start()?;
+    let args = [
+        "--pid".to_string(),
+        g.master_pid().to_string(),
+        "--pid".to_string(),
+        down.proc.pid().to_string(),
+        "--otlp-endpoint".to_string(),
+        rx.grpc_endpoint(),
+    ];
+    let mut agent = Agent::start(&args)?;
+    agent
+        .wait_stderr(
+            |line| line.contains("native uprobes attached") && line.contains("Greenlet"),
+            ATTACH_WAIT,
+        )
+        .context("the greenlet uprobes were not attached")?;
+    let n = 20;
+    drive(g.addr(), n, 10)?;
+    let spans = rx.wait_for(
+        |s| {
+            (0..n).all(|i| {
+                !span_for(s, Some(worker), true, &format!("/work/{i}")).is_empty()
+                    && !span_for(s, Some(down.proc.pid()), true, &format!("/down/{i}")).is_empty()
+            })
+        },
+        SPAN_WAIT,
+    )?;
+    agent.ensure_running()?;
+    for i in 0..n {
+        let (trace, span) = app_context(i);
+        let server = span_for(&spans, Some(worker), true, &format!("/work/{i}"));
+        let client = span_for(&spans, Some(worker), false, &format!("/down/{i}"));
+        let remote = span_for(&spans, Some(down.proc.pid()), true, &format!("/down/{i}"));
+        ensure!(
+            server.len() == 1 && client.len() == 1 && remote.len() == 1,
+            "request {i}: want one span each:\n{}",
+            summarize(&spans, 30)
+        );
+        let (server, client, remote) = (server[0], client[0], remote[0]);
+        for s in [server, client, remote] {
+            ensure!(
+                s.trace_id == trace,
+                "request {i}: span not in the app's trace {trace}: {}",
+                s.summary()
+            );
+        }
+        ensure!(
+            client.parent_span_id == server.span_id && remote.parent_span_id == client.span_id,
+            "request {i}: the chain is broken:\n  {}\n  {}\n  {}",
+            server.summary(),
+            client.summary(),
+            remote.summary()
+        );
+        ensure!(
+            server.parent_span_id.is_empty()
+                && server
+                    .links
+                    .iter()
+                    .any(|l| l.trace_id == trace && l.span_id == span),
+            "request {i}: the root should link to the app's context {trace}/{span}: {} links {:?}",
+            server.summary(),
+            server.links
+        );
+        ensure!(
+            remote.links.iter().any(|l| l.span_id == span),
+            "request {i}: the downstream SERVER span should keep the header as a link: {:?}",
+            remote.links
+        );
+    }
     Ok(())
 }
