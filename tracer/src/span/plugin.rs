@@ -924,6 +924,46 @@ mod tests {
     }
 
     #[test]
+    fn the_daemons_last_answer_ends_a_backwards_invocation_the_plugin_stopped_reading() {
+        let mut r = Run::new();
+        r.feed(DAEMON, false, &request("q"), 1);
+        r.feed(PLUGIN, true, &request("q"), 2);
+        let invoke = session(
+            "q",
+            "invoke",
+            r#"{"type":"tool","backwards_request_id":"b7","request":{}}"#,
+        );
+        r.feed(PLUGIN, false, &invoke, 3);
+        r.feed(DAEMON, true, &invoke, 4);
+        let answer = r#"{"session_id":"q","event":"backwards_response","data":{"backwards_request_id":"b7","event":"response","message":"struct","data":{}}}"#;
+        r.feed(DAEMON, false, answer, 5);
+        r.feed(PLUGIN, true, answer, 6);
+        // The daemon's own call for it ends, then it writes `end` at 20; the plugin has what
+        // it needs and never reads that line.
+        let end = r#"{"session_id":"q","event":"backwards_response","data":{"backwards_request_id":"b7","event":"end","message":"end","data":{}}}"#;
+        r.feed(DAEMON, false, end, 20);
+        let b = r
+            .out
+            .iter()
+            .find(|s| s.name == "plugin backwards_invoke tool")
+            .expect("backwards span");
+        assert_eq!(b.resource.pid, PLUGIN);
+        assert_eq!(
+            b.end.duration_since(b.start).ok(),
+            Some(std::time::Duration::from_nanos(17)),
+            "from the plugin's write (3) to the start of the daemon's write of `end` (20)"
+        );
+        r.feed(PLUGIN, false, &session("q", "end", "{}"), 22);
+        assert_eq!(
+            r.out
+                .iter()
+                .filter(|s| s.name == "plugin backwards_invoke tool")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
     fn a_backwards_invocation_answered_but_not_ended_closes_with_its_session() {
         let mut r = Run::new();
         r.feed(DAEMON, false, &request("q"), 1);
