@@ -38,6 +38,8 @@ pub const UNARY_METHOD: &str = "/grpc.examples.echo.Echo/UnaryEcho";
 pub const STREAM_METHOD: &str = "/grpc.examples.echo.Echo/ServerStreamingEcho";
 /// Binary name, and so the comm, of the Go server, client and relay.
 pub const GO_COMM: &str = "grpcfixture";
+/// Binary name and comm of the stripped build ([`GrpcFixture::stripped`]).
+pub const STRIPPED_COMM: &str = "grpcfx-stripped";
 /// gRPC status NOT_FOUND, what `-mode fail` calls return.
 pub const NOT_FOUND: u32 = 5;
 /// Messages per server-streaming call unless `-stream-n` says otherwise.
@@ -145,6 +147,29 @@ impl GrpcFixture {
         Ok(fx)
     }
 
+    /// The same program built stripped (`-ldflags=-s -w`: no symbols, no DWARF) as
+    /// `<target>/grpcfx-stripped` (so its comm is [`STRIPPED_COMM`]); `bin` of the returned
+    /// fixture.
+    pub fn stripped(&self) -> Result<GrpcFixture> {
+        let bin = target_dir().join(STRIPPED_COMM);
+        let out = Command::new("go")
+            .args(["build", "-ldflags=-s -w", "-o"])
+            .arg(&bin)
+            .arg(".")
+            .current_dir(fixtures_dir())
+            .output()
+            .context("running go build -ldflags=-s -w for tests/fixtures/grpc")?;
+        ensure!(
+            out.status.success(),
+            "stripped go build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(GrpcFixture {
+            bin,
+            ..self.clone()
+        })
+    }
+
     /// Runs `grpcfixture client ARGS` to completion (within [`CLIENT_TIMEOUT`]); fails
     /// unless it exits 0, i.e. unless every call returned what its mode expects.
     pub fn go_client(&self, args: &[&str]) -> Result<ClientRun> {
@@ -191,10 +216,15 @@ impl GrpcServer {
     /// `listening on` line, not a probe connection, so that the only connections the
     /// server ever sees are the test's.
     pub fn start(fixture: &GrpcFixture) -> Result<GrpcServer> {
+        Self::start_with(fixture, &[])
+    }
+
+    /// [`GrpcServer::start`] with more flags, e.g. `["-downstream", "127.0.0.1:PORT"]`.
+    pub fn start_with(fixture: &GrpcFixture, args: &[&str]) -> Result<GrpcServer> {
         let mut last_err = None;
         // A port free a moment ago can be taken before the server binds it: retry.
         for _ in 0..3 {
-            match Self::start_on(fixture, free_port()) {
+            match Self::start_on_with(fixture, free_port(), args) {
                 Ok(s) => return Ok(s),
                 Err(e) => last_err = Some(e),
             }
@@ -204,11 +234,16 @@ impl GrpcServer {
 
     /// Starts the server on `127.0.0.1:port`.
     pub fn start_on(fixture: &GrpcFixture, port: u16) -> Result<GrpcServer> {
+        Self::start_on_with(fixture, port, &[])
+    }
+
+    fn start_on_with(fixture: &GrpcFixture, port: u16, args: &[&str]) -> Result<GrpcServer> {
         let dir = TempDir::new("grpc-server")?;
         let mut cmd = Command::new(&fixture.bin);
         cmd.arg("server")
             .arg("-listen")
-            .arg(local(port).to_string());
+            .arg(local(port).to_string())
+            .args(args);
         let mut proc = Proc::spawn("grpcfixture-server", cmd, dir.path())?;
         wait_listening(&mut proc, START_TIMEOUT)?;
         Ok(GrpcServer {
@@ -439,7 +474,7 @@ impl RunningClient {
 pub struct CallReport {
     /// 1-based.
     pub index: u32,
-    /// `unary`, `stream` or `fail`.
+    /// `unary`, `stream`, `fail`, `chain` or `chainfail`.
     pub kind: String,
     /// The `:path`, e.g. [`UNARY_METHOD`].
     pub method: String,

@@ -58,6 +58,23 @@ pub mod go_op {
     pub const SPAWN: u8 = 4;
     /// gin matched a route for the request `g` serves; `text` is the route template.
     pub const ROUTE: u8 = 5;
+    /// grpc-go `(*Server).handleStream` entered: handler goroutine `g` serves stream `other`
+    /// (its HTTP/2 stream id) of server connection `value` (fd); `text` is the method
+    /// (`/pkg.Service/Method`).
+    pub const GRPC_SERVER_START: u8 = 6;
+    /// handleStream returned on `g` (a RET probe): the handler is done.
+    pub const GRPC_SERVER_END: u8 = 7;
+    /// grpc-go `(*http2Server).writeStatus`: stream `other & 0xffff_ffff` of server
+    /// connection `value` ends with gRPC status `other >> 32`.
+    pub const GRPC_SERVER_STATUS: u8 = 8;
+    /// grpc-go `(*http2Client).NewStream` entered on `g` for client connection `value`.
+    pub const GRPC_CLIENT_OPEN: u8 = 9;
+    /// NewStream returned on `g` (a RET probe): stream `other` (0: no stream, the call
+    /// failed) of client connection `value` (-1 when unknown) carries method `text`.
+    pub const GRPC_CLIENT_STREAM: u8 = 10;
+    /// grpc-go `(*http2Client).closeStream`: stream `other & 0xffff_ffff` of client
+    /// connection `value` ends with gRPC status `other >> 32`.
+    pub const GRPC_CLIENT_STATUS: u8 = 11;
 }
 
 /// Bytes of a path or route copied into a `GoEvent`.
@@ -148,7 +165,11 @@ pub mod counter {
     pub const NGINX_EVENTS: u32 = 14;
     /// An nginx event could not be reserved in the ring buffer.
     pub const NGINX_RESERVE_FAILED: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// A grpc-go hook could not name a followed socket of the process from its transport
+    /// (a read faulted, the connection is not a plain `*net.TCPConn`, or its fd is not
+    /// followed): no event.
+    pub const GRPC_NO_SOCKET: u32 = 16;
+    pub const COUNT: u32 = 17;
 }
 
 /// One syscall's (or one iovec's) bytes on a socket.
@@ -289,6 +310,27 @@ pub struct GoOffsets {
     pub net_fd_pfd: u32,
     pub poll_fd_sysfd: u32,
     pub gin_context_full_path: u32,
+    /// grpc-go: `transport.ServerStream.Stream`, the embedded common stream.
+    pub grpc_server_stream_stream: u32,
+    /// 1 when that member is a `*Stream` (older releases), 0 when the struct itself.
+    pub grpc_server_stream_deref: u32,
+    /// `transport.ClientStream.Stream`, and whether it is a pointer.
+    pub grpc_client_stream_stream: u32,
+    pub grpc_client_stream_deref: u32,
+    /// `transport.Stream.method` (string).
+    pub grpc_stream_method: u32,
+    /// `transport.Stream.id` (uint32), the HTTP/2 stream id.
+    pub grpc_stream_id: u32,
+    /// `transport.ClientStream.ct` (*http2Client).
+    pub grpc_client_stream_ct: u32,
+    /// `transport.http2Server.conn` (net.Conn).
+    pub grpc_http2_server_conn: u32,
+    /// `transport.http2Client.conn` (net.Conn).
+    pub grpc_http2_client_conn: u32,
+    /// `internal/status.Status.s` (*spb.Status).
+    pub grpc_status_s: u32,
+    /// `googleapis/rpc/status.Status.Code` (int32).
+    pub grpc_status_code: u32,
 }
 
 impl Default for GoOffsets {
@@ -303,6 +345,17 @@ impl Default for GoOffsets {
             net_fd_pfd: GO_OFFSET_UNKNOWN,
             poll_fd_sysfd: GO_OFFSET_UNKNOWN,
             gin_context_full_path: GO_OFFSET_UNKNOWN,
+            grpc_server_stream_stream: GO_OFFSET_UNKNOWN,
+            grpc_server_stream_deref: 0,
+            grpc_client_stream_stream: GO_OFFSET_UNKNOWN,
+            grpc_client_stream_deref: 0,
+            grpc_stream_method: GO_OFFSET_UNKNOWN,
+            grpc_stream_id: GO_OFFSET_UNKNOWN,
+            grpc_client_stream_ct: GO_OFFSET_UNKNOWN,
+            grpc_http2_server_conn: GO_OFFSET_UNKNOWN,
+            grpc_http2_client_conn: GO_OFFSET_UNKNOWN,
+            grpc_status_s: GO_OFFSET_UNKNOWN,
+            grpc_status_code: GO_OFFSET_UNKNOWN,
         }
     }
 }

@@ -65,7 +65,7 @@ fn regs(ctx: &ProbeContext) -> Regs {
 /// (pid_tgid, tgid, offsets) when the current process is watched and its binary's offsets
 /// are registered.
 #[inline(always)]
-fn setup(ctx: &ProbeContext) -> Option<(u64, u32, GoOffsets)> {
+pub(crate) fn setup(ctx: &ProbeContext) -> Option<(u64, u32, GoOffsets)> {
     let (id, tgid) = current_if_watched()?;
     // SAFETY: helper call on this program's context.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
@@ -74,7 +74,7 @@ fn setup(ctx: &ProbeContext) -> Option<(u64, u32, GoOffsets)> {
 }
 
 #[inline(always)]
-fn read_user<T: Copy>(addr: u64) -> Option<T> {
+pub(crate) fn read_user<T: Copy>(addr: u64) -> Option<T> {
     if addr == 0 {
         return None;
     }
@@ -84,7 +84,7 @@ fn read_user<T: Copy>(addr: u64) -> Option<T> {
 
 /// `base + offset` when the offset is known.
 #[inline(always)]
-fn field(base: u64, offset: u32) -> Option<u64> {
+pub(crate) fn field(base: u64, offset: u32) -> Option<u64> {
     if base == 0 || offset == GO_OFFSET_UNKNOWN {
         None
     } else {
@@ -94,7 +94,7 @@ fn field(base: u64, offset: u32) -> Option<u64> {
 
 /// A Go string header (pointer, length) at `addr`.
 #[inline(always)]
-fn go_string(addr: Option<u64>) -> Option<(u64, u64)> {
+pub(crate) fn go_string(addr: Option<u64>) -> Option<(u64, u64)> {
     let addr = addr?;
     let ptr: u64 = read_user(addr)?;
     let len: u64 = read_user(addr + 8)?;
@@ -124,7 +124,7 @@ fn take(k: &[u64; 2]) -> Option<u64> {
 /// Emits one event; `text` is a Go string copied (a prefix of GO_TEXT bytes) into it,
 /// `method` another (16 bytes at most).
 #[inline(always)]
-fn emit(
+pub(crate) fn emit(
     id: u64,
     op: u8,
     g: u64,

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod go;
+mod grpc;
 mod native;
 mod process;
 mod syscalls;

@@ -467,9 +467,23 @@ impl Agent {
                 g,
                 route: text,
             },
-            _ => return,
+            _ => match crate::span::builder::grpc_go::GrpcFact::from_go(
+                op,
+                tgid,
+                g,
+                other,
+                value,
+                &text,
+                record.text_truncated,
+                ts_ns,
+            ) {
+                Some(fact) => GoFact::Grpc(fact),
+                None => return,
+            },
         };
         self.builder.on_go(fact);
+        self.builder.grpc_flush(&mut self.spans);
+        self.export_spans();
     }
 
     /// The worker's verdict on an executable: a supported Go binary gets its uprobes, and
@@ -612,7 +626,7 @@ impl Agent {
         let tc = &self.builder.context.counters;
         let lb = &self.builder.late.counters;
         info!(
-            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} h2_conns={} h2_streams={} h2_errors={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} cross_process_links={} h2_headerless={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={} go_binaries={} go_unhooked={} go_events={} go_dropped={} go_inflight_full={} go_spawns={} go_client_starts={} go_client_owned={} go_routes={} go_handler_starts={} go_handler_rebound={} go_evicted={} greenlet_libs={} greenlet_switches={} greenlet_rescans={} nginx_binaries={} nginx_events={} nginx_dropped={} native_failed={} trace_joined={} trace_not_joined={} dify_roots={} trace_facts={} trace_facts_evicted={} late_provisional={} late_resolved={} late_fallback={} late_bound={} late_held={}",
+            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} h2_conns={} h2_streams={} h2_errors={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} cross_process_links={} h2_headerless={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={} go_binaries={} go_unhooked={} go_events={} go_dropped={} go_inflight_full={} go_spawns={} go_client_starts={} go_client_owned={} go_routes={} go_handler_starts={} go_handler_rebound={} go_evicted={} greenlet_libs={} greenlet_switches={} greenlet_rescans={} nginx_binaries={} nginx_events={} nginx_dropped={} native_failed={} trace_joined={} trace_not_joined={} dify_roots={} trace_facts={} trace_facts_evicted={} late_provisional={} late_resolved={} late_fallback={} late_bound={} late_held={} {}",
             self.counters.spans,
             export.spans_dropped,
             k[counter::COPY_FAILED as usize],
@@ -679,6 +693,10 @@ impl Agent {
             lb.fallback,
             lb.bound,
             self.builder.late.held_len(),
+            self.builder
+                .grpc
+                .counters
+                .stats(k[counter::GRPC_NO_SOCKET as usize]),
         );
     }
 }

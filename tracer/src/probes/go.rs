@@ -17,8 +17,11 @@ use tracer_common::{GO_OFFSET_UNKNOWN, GoOffsets, MAX_GO_BINARIES};
 
 use crate::discover::gobin::{Field, GoBinary};
 
+/// The fields every grpc-go hook reads to name its connection's fd.
+const GRPC_FD: [Field; 3] = [Field::NetConnFd, Field::NetFdPfd, Field::PollFdSysfd];
+
 /// Functions hooked, with the program at their entry and the one at their RETs.
-pub const HOOKS: [Hook; 4] = [
+pub const HOOKS: [Hook; 8] = [
     Hook {
         function: "net/http.serverHandler.ServeHTTP",
         entry: "go_serve_enter",
@@ -48,6 +51,66 @@ pub const HOOKS: [Hook; 4] = [
         entry: "go_gin_enter",
         ret: Some("go_gin_ret"),
         needs: &[Field::GinContextFullPath],
+    },
+    // grpc-go (see tracer-ebpf/src/grpc.rs). Field offsets from DWARF only.
+    Hook {
+        function: "google.golang.org/grpc.(*Server).handleStream",
+        entry: "go_grpc_server_enter",
+        ret: Some("go_grpc_server_ret"),
+        needs: &[
+            Field::GrpcServerStreamStream,
+            Field::GrpcStreamMethod,
+            Field::GrpcStreamId,
+            Field::GrpcHttp2ServerConn,
+            GRPC_FD[0],
+            GRPC_FD[1],
+            GRPC_FD[2],
+        ],
+    },
+    Hook {
+        function: "google.golang.org/grpc/internal/transport.(*http2Server).writeStatus",
+        entry: "go_grpc_server_status",
+        ret: None,
+        needs: &[
+            Field::GrpcServerStreamStream,
+            Field::GrpcStreamId,
+            Field::GrpcHttp2ServerConn,
+            Field::GrpcStatusS,
+            Field::GrpcStatusCode,
+            GRPC_FD[0],
+            GRPC_FD[1],
+            GRPC_FD[2],
+        ],
+    },
+    Hook {
+        function: "google.golang.org/grpc/internal/transport.(*http2Client).NewStream",
+        entry: "go_grpc_client_enter",
+        ret: Some("go_grpc_client_ret"),
+        needs: &[
+            Field::GrpcClientStreamStream,
+            Field::GrpcClientStreamCt,
+            Field::GrpcStreamMethod,
+            Field::GrpcStreamId,
+            Field::GrpcHttp2ClientConn,
+            GRPC_FD[0],
+            GRPC_FD[1],
+            GRPC_FD[2],
+        ],
+    },
+    Hook {
+        function: "google.golang.org/grpc/internal/transport.(*http2Client).closeStream",
+        entry: "go_grpc_client_status",
+        ret: None,
+        needs: &[
+            Field::GrpcClientStreamStream,
+            Field::GrpcStreamId,
+            Field::GrpcHttp2ClientConn,
+            Field::GrpcStatusS,
+            Field::GrpcStatusCode,
+            GRPC_FD[0],
+            GRPC_FD[1],
+            GRPC_FD[2],
+        ],
     },
 ];
 
@@ -139,7 +202,11 @@ impl GoAttacher {
             let missing: Vec<String> = hook
                 .needs
                 .iter()
-                .filter(|f| binary.offsets.get(**f).is_none())
+                .filter(|f| {
+                    binary.offsets.get(**f).is_none()
+                        && f.alternative()
+                            .is_none_or(|a| binary.offsets.get(a).is_none())
+                })
                 .map(|f| format!("{f:?}"))
                 .collect();
             if !missing.is_empty() {
@@ -200,6 +267,20 @@ pub fn kernel_offsets(binary: &GoBinary) -> GoOffsets {
             .and_then(|o| u32::try_from(o).ok())
             .unwrap_or(GO_OFFSET_UNKNOWN)
     };
+    // The embedded common stream: by value (offset, 0) or as a pointer (offset, 1).
+    let embedded = |by_value: Field, by_pointer: Field| match (get(by_value), get(by_pointer)) {
+        (v, _) if v != GO_OFFSET_UNKNOWN => (v, 0),
+        (_, p) if p != GO_OFFSET_UNKNOWN => (p, 1),
+        _ => (GO_OFFSET_UNKNOWN, 0),
+    };
+    let server_stream = embedded(
+        Field::GrpcServerStreamStream,
+        Field::GrpcServerStreamStreamPtr,
+    );
+    let client_stream = embedded(
+        Field::GrpcClientStreamStream,
+        Field::GrpcClientStreamStreamPtr,
+    );
     GoOffsets {
         request_method: get(Field::RequestMethod),
         request_url: get(Field::RequestUrl),
@@ -210,5 +291,87 @@ pub fn kernel_offsets(binary: &GoBinary) -> GoOffsets {
         net_fd_pfd: get(Field::NetFdPfd),
         poll_fd_sysfd: get(Field::PollFdSysfd),
         gin_context_full_path: get(Field::GinContextFullPath),
+        grpc_server_stream_stream: server_stream.0,
+        grpc_server_stream_deref: server_stream.1,
+        grpc_client_stream_stream: client_stream.0,
+        grpc_client_stream_deref: client_stream.1,
+        grpc_stream_method: get(Field::GrpcStreamMethod),
+        grpc_stream_id: get(Field::GrpcStreamId),
+        grpc_client_stream_ct: get(Field::GrpcClientStreamCt),
+        grpc_http2_server_conn: get(Field::GrpcHttp2ServerConn),
+        grpc_http2_client_conn: get(Field::GrpcHttp2ClientConn),
+        grpc_status_s: get(Field::GrpcStatusS),
+        grpc_status_code: get(Field::GrpcStatusCode),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discover::gobin::{GoOffsets as BinaryOffsets, OffsetsSource};
+
+    fn binary(fields: &[(Field, u64)]) -> GoBinary {
+        let mut offsets = BinaryOffsets::default();
+        for &(f, o) in fields {
+            offsets.fields.insert(f, o);
+            offsets.sources.insert(f, OffsetsSource::Dwarf);
+        }
+        GoBinary {
+            path: "/bin/x".into(),
+            info: Default::default(),
+            funcs: Default::default(),
+            stripped: false,
+            has_dwarf: true,
+            offsets,
+        }
+    }
+
+    /// The embedded common stream is read by value or through its pointer, whichever the
+    /// binary's DWARF declares; neither known leaves it unknown.
+    #[test]
+    fn grpc_stream_embedding_by_value_or_pointer() {
+        let k = kernel_offsets(&binary(&[
+            (Field::GrpcServerStreamStream, 8),
+            (Field::GrpcClientStreamStreamPtr, 0),
+            (Field::GrpcStreamMethod, 16),
+            (Field::GrpcStreamId, 108),
+            (Field::GrpcHttp2ServerConn, 16),
+        ]));
+        assert_eq!(
+            (k.grpc_server_stream_stream, k.grpc_server_stream_deref),
+            (8, 0)
+        );
+        assert_eq!(
+            (k.grpc_client_stream_stream, k.grpc_client_stream_deref),
+            (0, 1)
+        );
+        assert_eq!((k.grpc_stream_method, k.grpc_stream_id), (16, 108));
+        assert_eq!(k.grpc_http2_server_conn, 16);
+        assert_eq!(k.grpc_status_code, GO_OFFSET_UNKNOWN);
+        let k = kernel_offsets(&binary(&[(Field::GrpcStreamId, 108)]));
+        assert_eq!(k.grpc_server_stream_stream, GO_OFFSET_UNKNOWN);
+    }
+
+    /// Every hook's programs exist under the names the kernel side exports, and a hook
+    /// needing grpc fields needs the fd walk too.
+    #[test]
+    fn grpc_hooks_need_their_fields() {
+        for hook in HOOKS.iter().filter(|h| h.entry.starts_with("go_grpc_")) {
+            for f in GRPC_FD {
+                assert!(hook.needs.contains(&f), "{}", hook.function);
+            }
+            assert!(
+                hook.needs.contains(&Field::GrpcStreamId),
+                "{}",
+                hook.function
+            );
+        }
+        assert_eq!(
+            HOOKS
+                .iter()
+                .filter(|h| h.entry.starts_with("go_grpc_"))
+                .count(),
+            4
+        );
     }
 }

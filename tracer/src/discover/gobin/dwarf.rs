@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use gimli::{AttributeValue, EndianSlice, Reader, RunTimeEndian};
 use object::{Object, ObjectSection};
 
-use super::Field;
+use super::{Field, MemberKind};
 
 /// Why no offsets could be read from DWARF.
 #[derive(Debug, thiserror::Error)]
@@ -43,9 +43,17 @@ pub enum DwarfError {
 
 type Slice<'a> = EndianSlice<'a, RunTimeEndian>;
 
-/// Offsets of every [`Field`] whose struct and member the binary's DWARF describes. Fields
-/// of types the binary does not contain (no gin, no HTTP client) are simply not in the map.
+/// Offsets of every table [`Field`] (`Field::ALL`) whose struct and member the binary's DWARF
+/// describes. Fields of types the binary does not contain (no gin, no HTTP client) are simply
+/// not in the map.
 pub fn field_offsets(elf: &[u8]) -> Result<BTreeMap<Field, u64>, DwarfError> {
+    field_offsets_of(elf, &Field::ALL)
+}
+
+/// As [`field_offsets`], for the given fields. The walk ends once every struct they belong
+/// to was seen, so a field of a type the binary does not have costs a walk of all of DWARF:
+/// ask only for what the binary's modules can contain.
+pub fn field_offsets_of(elf: &[u8], fields: &[Field]) -> Result<BTreeMap<Field, u64>, DwarfError> {
     let file = object::File::parse(elf).map_err(DwarfError::Elf)?;
     let endian = if file.is_little_endian() {
         RunTimeEndian::Little
@@ -74,6 +82,7 @@ pub fn field_offsets(elf: &[u8]) -> Result<BTreeMap<Field, u64>, DwarfError> {
         gimli::DebugInfo::new(&info, endian),
         gimli::DebugAbbrev::new(&abbrev, endian),
         gimli::DebugStr::new(&strings, endian),
+        fields,
     )
 }
 
@@ -84,9 +93,9 @@ struct Wanted {
     seen: bool,
 }
 
-fn wanted() -> Vec<Wanted> {
+fn wanted(fields: &[Field]) -> Vec<Wanted> {
     let mut out: Vec<Wanted> = Vec::new();
-    for field in Field::ALL {
+    for &field in fields {
         let (type_name, member) = field.dwarf_name();
         match out.iter_mut().find(|w| w.type_name == type_name) {
             Some(w) => w.members.push((member, field)),
@@ -104,12 +113,13 @@ fn walk(
     info: gimli::DebugInfo<Slice<'_>>,
     abbrev: gimli::DebugAbbrev<Slice<'_>>,
     strings: gimli::DebugStr<Slice<'_>>,
+    fields: &[Field],
 ) -> Result<BTreeMap<Field, u64>, DwarfError> {
     let bad_info = |source| DwarfError::Malformed {
         section: ".debug_info",
         source,
     };
-    let mut wanted = wanted();
+    let mut wanted = wanted(fields);
     let mut found = BTreeMap::new();
     // Go's units all share one abbreviation table; parse it once, not once per unit.
     let mut abbrevs: Option<(gimli::DebugAbbrevOffset, gimli::Abbreviations)> = None;
@@ -162,7 +172,7 @@ fn walk(
                     }
                 }
                 (gimli::DW_TAG_member, Some((index, member_depth))) if depth == member_depth => {
-                    let (mut name, mut location) = (None, None);
+                    let (mut name, mut location, mut ty) = (None, None, None);
                     for spec in entry.attributes() {
                         let attr = entries.read_attribute(*spec).map_err(bad_info)?;
                         match attr.name() {
@@ -170,17 +180,31 @@ fn walk(
                             gimli::DW_AT_data_member_location => {
                                 location = member_location(attr.value());
                             }
+                            gimli::DW_AT_type => ty = Some(attr.value()),
                             _ => {}
                         }
                     }
-                    let field = name.and_then(|n| {
-                        wanted[index]
-                            .members
-                            .iter()
-                            .find(|(member, _)| member.as_bytes() == n)
-                    });
-                    if let (Some((_, field)), Some(location)) = (field, location) {
-                        found.insert(*field, location);
+                    let (Some(name), Some(location)) = (name, location) else {
+                        continue;
+                    };
+                    for &(member, field) in &wanted[index].members {
+                        if member.as_bytes() != name {
+                            continue;
+                        }
+                        let fits = match field.member_kind() {
+                            MemberKind::Any => true,
+                            kind => {
+                                let tag =
+                                    ty.and_then(|t| type_tag(&info, &abbrev, &header, table, t));
+                                tag == Some(match kind {
+                                    MemberKind::Pointer => gimli::DW_TAG_pointer_type,
+                                    _ => gimli::DW_TAG_structure_type,
+                                })
+                            }
+                        };
+                        if fits {
+                            found.insert(field, location);
+                        }
                     }
                 }
                 _ => entries
@@ -194,6 +218,58 @@ fn walk(
         }
     }
     Ok(found)
+}
+
+/// The tag of the type a `DW_AT_type` names, through typedefs (Go names each struct type
+/// with a typedef of it). References point into this unit or, as Go writes them, into
+/// `.debug_info` at large.
+fn type_tag(
+    info: &gimli::DebugInfo<Slice<'_>>,
+    abbrev: &gimli::DebugAbbrev<Slice<'_>>,
+    header: &gimli::UnitHeader<Slice<'_>>,
+    table: &gimli::Abbreviations,
+    value: AttributeValue<Slice<'_>>,
+) -> Option<gimli::DwTag> {
+    let mut value = value;
+    // A few hops at most: a typedef chain longer than this is not Go's.
+    for _ in 0..8 {
+        let (tag, next) = type_entry(info, abbrev, header, table, value)?;
+        match (tag, next) {
+            (gimli::DW_TAG_typedef, Some(next)) => value = next,
+            (tag, _) => return Some(tag),
+        }
+    }
+    None
+}
+
+/// The tag and `DW_AT_type` of the DIE a reference names.
+fn type_entry<'a>(
+    info: &gimli::DebugInfo<Slice<'a>>,
+    abbrev: &gimli::DebugAbbrev<Slice<'a>>,
+    header: &gimli::UnitHeader<Slice<'a>>,
+    table: &gimli::Abbreviations,
+    value: AttributeValue<Slice<'a>>,
+) -> Option<(gimli::DwTag, Option<AttributeValue<Slice<'a>>>)> {
+    let of = |e: gimli::DebuggingInformationEntry<'_, '_, Slice<'a>>| {
+        let ty = e.attr_value(gimli::DW_AT_type).ok().flatten();
+        (e.tag(), ty)
+    };
+    let global = match value {
+        AttributeValue::UnitRef(offset) => return header.entry(table, offset).ok().map(of),
+        AttributeValue::DebugInfoRef(offset) => offset,
+        _ => return None,
+    };
+    if let Some(offset) = global.to_unit_offset(header) {
+        return header.entry(table, offset).ok().map(of);
+    }
+    let mut units = info.units();
+    while let Ok(Some(other)) = units.next() {
+        if let Some(offset) = global.to_unit_offset(&other) {
+            let table = other.abbreviations(abbrev).ok()?;
+            return other.entry(&table, offset).ok().map(of);
+        }
+    }
+    None
 }
 
 impl Wanted {
@@ -236,6 +312,7 @@ mod tests {
     const DW_FORM_STRING: u8 = 0x08;
     const DW_FORM_UDATA: u8 = 0x0f;
     const DW_FORM_EXPRLOC: u8 = 0x18;
+    const DW_FORM_REF4: u8 = 0x13;
     const LE: RunTimeEndian = RunTimeEndian::Little;
 
     /// Abbreviations: 1 unit, 2 struct with children, 3 member (udata offset), 4 struct
@@ -265,6 +342,22 @@ mod tests {
             0,
             0,
         ]);
+        // 6 member with a type reference, 7 pointer type, 8 typedef of a type reference.
+        let ty = gimli::DW_AT_type.0 as u8;
+        a.extend([
+            6,
+            member,
+            0,
+            name,
+            DW_FORM_STRING,
+            loc,
+            DW_FORM_UDATA,
+            ty,
+            DW_FORM_REF4,
+        ]);
+        a.extend([0, 0]);
+        a.extend([7, gimli::DW_TAG_pointer_type.0 as u8, 0, 0, 0]);
+        a.extend([8, gimli::DW_TAG_typedef.0 as u8, 0, ty, DW_FORM_REF4, 0, 0]);
         a.push(0);
         a
     }
@@ -296,11 +389,16 @@ mod tests {
     }
 
     fn run(info: &[u8]) -> Result<BTreeMap<Field, u64>, DwarfError> {
+        run_for(info, &Field::ALL)
+    }
+
+    fn run_for(info: &[u8], fields: &[Field]) -> Result<BTreeMap<Field, u64>, DwarfError> {
         let abbrev = abbrev();
         walk(
             gimli::DebugInfo::new(info, LE),
             gimli::DebugAbbrev::new(&abbrev, LE),
             gimli::DebugStr::new(&[], LE),
+            fields,
         )
     }
 
@@ -358,6 +456,53 @@ mod tests {
         assert_eq!(found.get(&Field::RequestUrl), Some(&16));
     }
 
+    /// grpc-go embeds its common stream by value in newer releases and as a pointer in older
+    /// ones: the member's type decides which field it is.
+    #[test]
+    fn embedded_member_by_value_or_pointer() {
+        // Children of the unit's root start after the 11-byte header and the root DIE.
+        let base = 11 + 1 + "runtime".len() + 1;
+        let mut d = Vec::new();
+        let pointer = base + d.len();
+        d.push(7);
+        let structure = base + d.len();
+        d.push(4);
+        cstr(&mut d, "google.golang.org/grpc/internal/transport.Stream");
+        // Go's members name the struct through a typedef of it.
+        let by_value = base + d.len();
+        d.push(8);
+        d.extend(u32::try_from(structure).expect("small").to_le_bytes());
+        let typed_member = |d: &mut Vec<u8>, offset: u8, ty: usize| {
+            d.push(6);
+            cstr(d, "Stream");
+            d.push(offset);
+            d.extend(u32::try_from(ty).expect("small").to_le_bytes());
+        };
+        d.push(2);
+        cstr(
+            &mut d,
+            "google.golang.org/grpc/internal/transport.ServerStream",
+        );
+        typed_member(&mut d, 8, pointer);
+        d.push(0);
+        d.push(2);
+        cstr(
+            &mut d,
+            "google.golang.org/grpc/internal/transport.ClientStream",
+        );
+        typed_member(&mut d, 0, by_value);
+        d.push(0);
+        let all: Vec<Field> = Field::every().collect();
+        let found = run_for(&unit(&d), &all).expect("walks");
+        assert_eq!(
+            found,
+            BTreeMap::from([
+                (Field::GrpcServerStreamStreamPtr, 8),
+                (Field::GrpcClientStreamStream, 0),
+            ])
+        );
+    }
+
     #[test]
     fn malformed_dwarf_is_an_error_never_a_panic() {
         let info = unit(&sample());
@@ -386,7 +531,7 @@ mod tests {
 
     #[test]
     fn wanted_groups_members_by_type() {
-        let w = wanted();
+        let w = wanted(&Field::ALL);
         let request = w.iter().find(|w| w.type_name == "net/http.Request");
         let members: Vec<&str> = request
             .map(|r| r.members.iter().map(|m| m.0).collect())

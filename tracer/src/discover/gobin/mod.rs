@@ -127,9 +127,33 @@ pub enum Field {
     ResponseStatus,
     /// `github.com/gin-gonic/gin.Context.fullPath` (string), the route template.
     GinContextFullPath,
+    /// grpc-go `transport.ServerStream.Stream`, the common stream embedded by value (newer
+    /// releases).
+    GrpcServerStreamStream,
+    /// The same member embedded as a pointer, `*Stream` (older releases, e.g. v1.76).
+    GrpcServerStreamStreamPtr,
+    /// grpc-go `transport.ClientStream.Stream`, embedded by value.
+    GrpcClientStreamStream,
+    /// ... embedded as a pointer.
+    GrpcClientStreamStreamPtr,
+    /// grpc-go `transport.ClientStream.ct` (*http2Client).
+    GrpcClientStreamCt,
+    /// grpc-go `transport.Stream.method` (string), `/pkg.Service/Method`.
+    GrpcStreamMethod,
+    /// grpc-go `transport.Stream.id` (uint32), the HTTP/2 stream id.
+    GrpcStreamId,
+    /// grpc-go `transport.http2Server.conn` (net.Conn).
+    GrpcHttp2ServerConn,
+    /// grpc-go `transport.http2Client.conn` (net.Conn).
+    GrpcHttp2ClientConn,
+    /// grpc-go `internal/status.Status.s` (*spb.Status).
+    GrpcStatusS,
+    /// `google.golang.org/genproto/googleapis/rpc/status.Status.Code` (int32).
+    GrpcStatusCode,
 }
 
 impl Field {
+    /// The fields of the offsets table (`offsets_table.json`): standard library and gin.
     pub const ALL: [Field; 10] = [
         Field::RequestMethod,
         Field::RequestUrl,
@@ -142,6 +166,32 @@ impl Field {
         Field::ResponseStatus,
         Field::GinContextFullPath,
     ];
+
+    /// Fields read from DWARF only: no table covers them (their layouts vary with the
+    /// module's version), so a stripped binary leaves the hooks that need them off.
+    pub const DWARF_ONLY: [Field; 11] = [
+        Field::GrpcServerStreamStream,
+        Field::GrpcServerStreamStreamPtr,
+        Field::GrpcClientStreamStream,
+        Field::GrpcClientStreamStreamPtr,
+        Field::GrpcClientStreamCt,
+        Field::GrpcStreamMethod,
+        Field::GrpcStreamId,
+        Field::GrpcHttp2ServerConn,
+        Field::GrpcHttp2ClientConn,
+        Field::GrpcStatusS,
+        Field::GrpcStatusCode,
+    ];
+
+    /// Every field: the table's, then the DWARF-only ones.
+    pub fn every() -> impl Iterator<Item = Field> {
+        Field::ALL.into_iter().chain(Field::DWARF_ONLY)
+    }
+
+    /// Whether the offsets table may hold this field.
+    pub fn in_table(self) -> bool {
+        !Field::DWARF_ONLY.contains(&self)
+    }
 
     /// (DWARF type name, member name).
     pub fn dwarf_name(self) -> (&'static str, &'static str) {
@@ -156,6 +206,53 @@ impl Field {
             Field::PollFdSysfd => ("internal/poll.FD", "Sysfd"),
             Field::ResponseStatus => ("net/http.response", "status"),
             Field::GinContextFullPath => ("github.com/gin-gonic/gin.Context", "fullPath"),
+            Field::GrpcServerStreamStream | Field::GrpcServerStreamStreamPtr => {
+                (GRPC_TRANSPORT_SERVER_STREAM, "Stream")
+            }
+            Field::GrpcClientStreamStream | Field::GrpcClientStreamStreamPtr => {
+                (GRPC_TRANSPORT_CLIENT_STREAM, "Stream")
+            }
+            Field::GrpcClientStreamCt => (GRPC_TRANSPORT_CLIENT_STREAM, "ct"),
+            Field::GrpcStreamMethod => {
+                ("google.golang.org/grpc/internal/transport.Stream", "method")
+            }
+            Field::GrpcStreamId => ("google.golang.org/grpc/internal/transport.Stream", "id"),
+            Field::GrpcHttp2ServerConn => (
+                "google.golang.org/grpc/internal/transport.http2Server",
+                "conn",
+            ),
+            Field::GrpcHttp2ClientConn => (
+                "google.golang.org/grpc/internal/transport.http2Client",
+                "conn",
+            ),
+            Field::GrpcStatusS => ("google.golang.org/grpc/internal/status.Status", "s"),
+            Field::GrpcStatusCode => (
+                "google.golang.org/genproto/googleapis/rpc/status.Status",
+                "Code",
+            ),
+        }
+    }
+
+    /// The field that names the same member declared the other way (by value / pointer).
+    pub fn alternative(self) -> Option<Field> {
+        match self {
+            Field::GrpcServerStreamStream => Some(Field::GrpcServerStreamStreamPtr),
+            Field::GrpcServerStreamStreamPtr => Some(Field::GrpcServerStreamStream),
+            Field::GrpcClientStreamStream => Some(Field::GrpcClientStreamStreamPtr),
+            Field::GrpcClientStreamStreamPtr => Some(Field::GrpcClientStreamStream),
+            _ => None,
+        }
+    }
+
+    /// What the member's type must be for this field: two fields can name one member that
+    /// different releases declare differently.
+    pub fn member_kind(self) -> MemberKind {
+        match self {
+            Field::GrpcServerStreamStream | Field::GrpcClientStreamStream => MemberKind::Struct,
+            Field::GrpcServerStreamStreamPtr | Field::GrpcClientStreamStreamPtr => {
+                MemberKind::Pointer
+            }
+            _ => MemberKind::Any,
         }
     }
 
@@ -164,10 +261,24 @@ impl Field {
     pub fn module(self) -> Option<&'static str> {
         match self {
             Field::GinContextFullPath => Some("github.com/gin-gonic/gin"),
+            Field::GrpcStatusCode => Some("google.golang.org/genproto/googleapis/rpc"),
+            f if !f.in_table() => Some("google.golang.org/grpc"),
             _ => None,
         }
     }
 }
+
+/// What a member's type must be (see [`Field::member_kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberKind {
+    Any,
+    /// A struct embedded by value.
+    Struct,
+    Pointer,
+}
+
+const GRPC_TRANSPORT_SERVER_STREAM: &str = "google.golang.org/grpc/internal/transport.ServerStream";
+const GRPC_TRANSPORT_CLIENT_STREAM: &str = "google.golang.org/grpc/internal/transport.ClientStream";
 
 /// Where a binary's offsets came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +294,8 @@ pub struct GoOffsets {
     pub fields: BTreeMap<Field, u64>,
     /// Per field, where its offset came from.
     pub sources: BTreeMap<Field, OffsetsSource>,
+    /// The binary's DWARF was read.
+    pub dwarf: bool,
 }
 
 impl GoOffsets {

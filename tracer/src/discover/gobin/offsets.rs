@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error};
 
-use super::{BuildInfo, Field, GoOffsets, GoVersion, OffsetsSource, dwarf};
+use super::{BuildInfo, Field, GoOffsets, GoVersion, MemberKind, OffsetsSource, dwarf};
 
 /// The generated table, embedded at build time.
 const EMBEDDED_TABLE: &str = include_str!("offsets_table.json");
@@ -27,12 +27,22 @@ const EMBEDDED_TABLE: &str = include_str!("offsets_table.json");
 /// embedded table for what DWARF did not give. Never fails: a field nobody knows is absent,
 /// and [`GoOffsets::missing`] says why.
 pub fn resolve(elf: &[u8], info: &BuildInfo) -> GoOffsets {
-    let from_dwarf = dwarf::field_offsets(elf).unwrap_or_else(|e| {
-        // Routine for stripped binaries; the table takes over.
-        debug!(error = %e, "no DWARF offsets; using the offsets table");
-        BTreeMap::new()
-    });
-    resolve_with(&from_dwarf, info, OffsetsTable::embedded())
+    // Types of modules the binary does not use cannot be in it: not looked for, so the walk
+    // can end early.
+    let fields: Vec<Field> = Field::every()
+        .filter(|f| f.module().is_none_or(|m| uses_module(info, m)))
+        .collect();
+    let (from_dwarf, has_dwarf) = match dwarf::field_offsets_of(elf, &fields) {
+        Ok(found) => (found, true),
+        Err(e) => {
+            // Routine for stripped binaries; the table takes over.
+            debug!(error = %e, "no DWARF offsets; using the offsets table");
+            (BTreeMap::new(), false)
+        }
+    };
+    let mut offsets = resolve_with(&from_dwarf, info, OffsetsTable::embedded());
+    offsets.dwarf = has_dwarf;
+    offsets
 }
 
 /// [`resolve`] with the DWARF offsets already read and a given table.
@@ -42,7 +52,7 @@ pub fn resolve_with(
     table: &OffsetsTable,
 ) -> GoOffsets {
     let mut out = GoOffsets::default();
-    for field in Field::ALL {
+    for field in Field::every() {
         let (offset, source) = match from_dwarf.get(&field) {
             Some(&offset) => (offset, OffsetsSource::Dwarf),
             None => match table.lookup(field, info) {
@@ -63,11 +73,21 @@ impl GoOffsets {
     /// use are not listed.
     pub fn missing(&self, info: &BuildInfo) -> Vec<Missing> {
         let table = OffsetsTable::embedded();
-        Field::ALL
-            .into_iter()
-            .filter(|field| self.get(*field).is_none())
+        Field::every()
+            // One of two declarations of a member is enough; the by-value one speaks for both.
+            .filter(|field| field.member_kind() != MemberKind::Pointer)
+            .filter(|field| {
+                self.get(*field).is_none()
+                    && field.alternative().is_none_or(|a| self.get(a).is_none())
+            })
             .filter_map(|field| table.lookup(field, info).err())
             .filter(|m| m.reason != MissingReason::ModuleNotUsed)
+            .map(|mut m| {
+                if m.reason == MissingReason::DwarfOnly && self.dwarf {
+                    m.reason = MissingReason::NotInDwarf;
+                }
+                m
+            })
             .collect()
     }
 }
@@ -98,6 +118,17 @@ pub enum MissingReason {
     NotMeasured,
     /// The binary does not depend on the field's module (no gin): nothing is missing.
     ModuleNotUsed,
+    /// A field only DWARF gives (grpc-go's), and the binary has none (stripped).
+    DwarfOnly,
+    /// A field only DWARF gives, and the binary's DWARF does not describe it (a release with
+    /// another layout).
+    NotInDwarf,
+}
+
+/// Whether the binary `info` describes is built with `module` (a dependency, or the main
+/// module itself).
+fn uses_module(info: &BuildInfo, module: &str) -> bool {
+    info.deps.contains_key(module) || info.main_module == module
 }
 
 impl fmt::Display for Missing {
@@ -118,6 +149,13 @@ impl fmt::Display for Missing {
             ),
             MissingReason::NotMeasured => write!(f, "not measured for this version"),
             MissingReason::ModuleNotUsed => write!(f, "module not used"),
+            MissingReason::DwarfOnly => {
+                write!(
+                    f,
+                    "only read from DWARF, and the binary has none (stripped)"
+                )
+            }
+            MissingReason::NotInDwarf => write!(f, "not in the binary's DWARF"),
         }
     }
 }
@@ -277,9 +315,15 @@ impl OffsetsTable {
             None => None,
             Some(module) => match info.deps.get(module) {
                 Some(version) => Some((module, version)),
+                None if !field.in_table() && uses_module(info, module) => {
+                    return Err(missing(MissingReason::DwarfOnly));
+                }
                 None => return Err(missing(MissingReason::ModuleNotUsed)),
             },
         };
+        if !field.in_table() {
+            return Err(missing(MissingReason::DwarfOnly));
+        }
         let raw = &info.go_version_raw;
         let Some(go) = info.go_version else {
             let raw = raw.clone();
@@ -394,7 +438,7 @@ pub fn render_table(measurements: &[Measurement], comment: &str) -> Result<Strin
     let mut modules: BTreeMap<(String, String, Minor), BTreeMap<Field, u64>> = BTreeMap::new();
     for m in measurements {
         let minor = (m.go.major, m.go.minor);
-        for (&field, &offset) in &m.offsets {
+        for (&field, &offset) in m.offsets.iter().filter(|(f, _)| f.in_table()) {
             let (entry, map) = match field.module() {
                 None => (m.go.to_string(), std.entry(m.go).or_default()),
                 Some(module) => {
@@ -667,6 +711,56 @@ pub(super) mod tests {
         );
         let missing = o.missing(&info("go1.21.13", Some("v1.6.3")));
         assert!(missing.iter().any(|m| m.field == Field::GinContextFullPath));
+    }
+
+    /// grpc-go's layouts come from DWARF only: no table entry, a reason when stripped, and
+    /// nothing missing for a binary without grpc.
+    #[test]
+    fn grpc_fields_are_dwarf_only() {
+        let t = small();
+        let mut i = info("go1.21.13", None);
+        i.deps
+            .insert("google.golang.org/grpc".into(), "v1.85.0".into());
+        let err = t.lookup(Field::GrpcStreamId, &i).unwrap_err();
+        assert_eq!(err.reason, MissingReason::DwarfOnly);
+        let dwarf = BTreeMap::from([(Field::GrpcStreamId, 108), (Field::GrpcStreamMethod, 16)]);
+        let o = resolve_with(&dwarf, &i, &t);
+        assert_eq!(o.get(Field::GrpcStreamId), Some(108));
+        assert_eq!(
+            o.sources.get(&Field::GrpcStreamId),
+            Some(&OffsetsSource::Dwarf)
+        );
+        let stripped = resolve_with(&BTreeMap::new(), &i, &t);
+        assert_eq!(stripped.get(Field::GrpcStreamId), None);
+        assert!(
+            stripped
+                .missing(&i)
+                .iter()
+                .any(|m| m.field == Field::GrpcStreamId && m.reason == MissingReason::DwarfOnly)
+        );
+        let plain = info("go1.21.13", None);
+        assert!(
+            resolve_with(&BTreeMap::new(), &plain, &t)
+                .missing(&plain)
+                .iter()
+                .all(|m| m.field.in_table())
+        );
+        // Never written to or read from the table.
+        let m = Measurement {
+            go: GoVersion::new(1, 21, 13),
+            deps: i.deps.clone(),
+            offsets: dwarf,
+        };
+        let json = render_table(&[m], "").expect("renders");
+        assert!(!json.contains("transport"), "{json}");
+        let key = field_key(Field::GrpcStreamId);
+        let bad = format!(
+            r#"{{"std": [{{"go": "1.21", "measured_with": ["go1.21.1"], "offsets": {{"{key}": 1}}}}], "modules": []}}"#
+        );
+        assert!(matches!(
+            OffsetsTable::parse(&bad),
+            Err(TableError::UnknownField(_))
+        ));
     }
 
     #[test]

@@ -54,7 +54,11 @@ pub enum GoFact {
     ClientStart { tgid: u32, g: u64, fd: i32 },
     /// The request goroutine `g` serves matched route template `route`.
     Route { tgid: u32, g: u64, route: String },
+    /// A grpc-go hook's report (`grpc_go`).
+    Grpc(grpc_go::GrpcFact),
 }
+
+pub mod grpc_go;
 
 /// Requests waiting for their response on one connection (pipelining depth bound).
 pub const MAX_PENDING_PER_CONN: usize = 64;
@@ -122,6 +126,7 @@ pub struct SpanBuilder {
     ends: ConnEnds,
     pub context: TraceContext,
     pub late: LateBinding,
+    pub grpc: grpc_go::GrpcGo,
 }
 
 impl SpanBuilder {
@@ -171,6 +176,8 @@ impl SpanBuilder {
     pub fn flush(&mut self, out: &mut Vec<FinishedSpan>) {
         let from = out.len();
         self.late.expire(monotonic_ns(), None, true);
+        self.grpc.expire(u64::MAX);
+        out.extend(self.grpc.take_ready());
         self.finalize(out, from);
     }
 
@@ -203,6 +210,7 @@ impl SpanBuilder {
             StreamEvent::Closed { key, ts_ns } => {
                 self.on_closed(key, ts_ns, Outcome::ConnectionClosed, resources, out);
                 self.ends.forget(key);
+                self.grpc.closed(key);
             }
             StreamEvent::Lost { key, ts_ns } => {
                 self.on_closed(key, ts_ns, Outcome::CaptureLost, resources, out)
@@ -217,6 +225,7 @@ impl SpanBuilder {
                 headers,
             } => {
                 self.ends.note(key, role, local, peer);
+                let ctx = self.grpc_request_ctx(key, role, stream_id, ctx);
                 let incoming = headers.get("traceparent").and_then(traceparent::parse);
                 let link = match role {
                     Role::Server => self.client_end_h2(key, stream_id),
@@ -263,7 +272,7 @@ impl SpanBuilder {
                     return;
                 }
                 let span = self.finish_h2(key, role, peer, &stream, resources);
-                out.push(span);
+                out.extend(self.grpc_finished(key, role, &stream, span));
             }
             StreamEvent::Stdio {
                 key,
@@ -334,6 +343,8 @@ impl SpanBuilder {
         self.plugins
             .evict_idle(now_ns, clock, &mut |t| resources.resource(t), out);
         self.late.expire(now_ns, None, false);
+        self.grpc.expire(now_ns);
+        out.extend(self.grpc.take_ready());
         self.finalize(out, from);
     }
 
@@ -604,6 +615,7 @@ impl SpanBuilder {
                 self.goroutines.handler_started(tgid, g, span_id, ts_ns);
             }
             GoFact::HandlerEnd { tgid, g, ts_ns } => self.goroutines.handler_ended(tgid, g, ts_ns),
+            GoFact::Grpc(fact) => self.on_grpc(fact),
         }
     }
 
@@ -817,6 +829,7 @@ impl SpanBuilder {
         self.pending_h2.retain(|(k, _), _| k.tgid != tgid);
         self.ends.forget_process(tgid);
         self.goroutines.forget_process(tgid);
+        self.grpc.forget_process(tgid);
     }
 }
 
