@@ -34,9 +34,6 @@ const MAX_ID_LEN: usize = 64;
 struct TraceFacts {
     /// The application's context this trace adopted.
     joined: Option<TraceParent>,
-    /// A span of the trace was handed out already: adopting another trace id now would cut
-    /// the trace in two.
-    exported: bool,
     dify: [Option<String>; DIFY_IDS.len()],
 }
 
@@ -53,41 +50,74 @@ pub struct TraceContextCounters {
     pub evicted: u64,
 }
 
-#[derive(Default)]
+/// A map bounded by keeping two generations of at most MAX_TRACES entries: when the current
+/// one is full, the previous one is dropped (counted) and the current one takes its place.
+struct Generations<V> {
+    current: HashMap<[u8; 16], V>,
+    previous: HashMap<[u8; 16], V>,
+}
+
+impl<V: Default> Generations<V> {
+    fn new() -> Self {
+        Self {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+        }
+    }
+
+    fn get(&self, key: &[u8; 16]) -> Option<&V> {
+        self.current.get(key).or_else(|| self.previous.get(key))
+    }
+
+    /// The entry of `key`, made when missing; `evicted` counts the entries dropped for it.
+    fn entry(&mut self, key: [u8; 16], evicted: &mut u64) -> &mut V {
+        if !self.current.contains_key(&key) {
+            let carried = self.previous.remove(&key);
+            if self.current.len() >= MAX_TRACES {
+                *evicted += self.previous.len() as u64;
+                self.previous = std::mem::take(&mut self.current);
+            }
+            self.current.insert(key, carried.unwrap_or_default());
+        }
+        self.current.entry(key).or_default()
+    }
+
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+}
+
+/// Per-trace facts: only traces that have some, so a trace with none costs a set entry.
 pub struct TraceContext {
-    current: HashMap<[u8; 16], TraceFacts>,
-    previous: HashMap<[u8; 16], TraceFacts>,
+    facts: Generations<TraceFacts>,
+    /// Traces of which a span was handed out already: adopting another trace id for them
+    /// now would cut them in two.
+    exported: Generations<()>,
     pub counters: TraceContextCounters,
 }
 
-impl TraceContext {
-    fn facts_mut(&mut self, trace: [u8; 16]) -> &mut TraceFacts {
-        if !self.current.contains_key(&trace) {
-            let carried = self.previous.remove(&trace);
-            if self.current.len() >= MAX_TRACES {
-                self.counters.evicted += self.previous.len() as u64;
-                self.previous = std::mem::take(&mut self.current);
-            }
-            self.current.insert(trace, carried.unwrap_or_default());
+impl Default for TraceContext {
+    fn default() -> Self {
+        Self {
+            facts: Generations::new(),
+            exported: Generations::new(),
+            counters: TraceContextCounters::default(),
         }
-        self.current.entry(trace).or_default()
     }
+}
 
+impl TraceContext {
     /// A request of trace `ours` carries the application's own context `theirs` (an outbound
     /// request it propagates its trace on). The first such context of a trace is adopted.
     pub fn app_context(&mut self, ours: [u8; 16], theirs: TraceParent) {
-        if theirs.trace_id == ours {
+        if theirs.trace_id == ours || self.facts.get(&ours).is_some_and(|f| f.joined.is_some()) {
             return;
         }
-        let facts = self.facts_mut(ours);
-        if facts.joined.is_some() {
-            return;
-        }
-        if facts.exported {
+        if self.exported.get(&ours).is_some() {
             self.counters.not_joined += 1;
             return;
         }
-        facts.joined = Some(theirs);
+        self.facts.entry(ours, &mut self.counters.evicted).joined = Some(theirs);
         self.counters.joined += 1;
     }
 
@@ -104,7 +134,7 @@ impl TraceContext {
         if found.is_empty() {
             return;
         }
-        let facts = self.facts_mut(trace);
+        let facts = self.facts.entry(trace, &mut self.counters.evicted);
         for (i, value) in found {
             facts.dify[i].get_or_insert(value);
         }
@@ -113,9 +143,11 @@ impl TraceContext {
     /// Gives a finished span what its trace learned: the adopted trace id, and on the root
     /// span the Dify ids and a link to the application's context.
     pub fn apply(&mut self, span: &mut FinishedSpan) {
-        let facts = self.facts_mut(span.trace_id);
-        facts.exported = true;
-        let facts = facts.clone();
+        let mut evicted = 0;
+        self.exported.entry(span.trace_id, &mut evicted);
+        let Some(facts) = self.facts.get(&span.trace_id) else {
+            return;
+        };
         let is_root = span.parent_span_id.is_none() || span.parent_is_remote;
         if is_root {
             let mut any = false;
@@ -145,8 +177,9 @@ impl TraceContext {
         }
     }
 
+    /// Traces with facts remembered.
     pub fn len(&self) -> usize {
-        self.current.len() + self.previous.len()
+        self.facts.len()
     }
 
     pub fn is_empty(&self) -> bool {
