@@ -287,6 +287,22 @@ fn console_mode_prints_spans() -> Result<()> {
     agent
         .wait_stdout(|out| out.lines().any(line_ok), SPAN_WAIT)
         .context("no stdout line with SERVER, GET, /hello and 200")?;
+    // A finished trace is also printed as a tree: the root, then its CLIENT hop indented.
+    ensure!(get(g.addr(), "/chain", &[])?.status == 200);
+    let tree = |out: &str| {
+        let lines: Vec<&str> = out.lines().collect();
+        lines.windows(3).any(|w| {
+            w[0].starts_with("trace ")
+                && w[1].starts_with("  SERVER app GET /chain 200")
+                && w[2].starts_with("    CLIENT app GET /downstream/data 200")
+                && w[1..]
+                    .iter()
+                    .all(|l| l.contains(" +") && l.contains(" self "))
+        })
+    };
+    agent
+        .wait_stdout(tree, SPAN_WAIT)
+        .context("no trace tree for /chain on stdout")?;
     Ok(())
 }
 

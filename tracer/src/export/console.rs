@@ -1,4 +1,5 @@
-//! Console exporter: one human-readable line per finished span on stdout.
+//! Console exporter: one human-readable line per finished span on stdout, and each finished
+//! trace as an indented tree with per-hop durations (see [`super::console_tree`]).
 
 use std::{
     fmt::Write as _,
@@ -6,7 +7,7 @@ use std::{
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
-        mpsc::{self, Receiver, SyncSender, TrySendError},
+        mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -14,6 +15,7 @@ use std::{
 
 use thiserror::Error;
 
+use super::console_tree::{TraceBuffer, TreeCounters, TreeSpan};
 use crate::span::model::{AttrValue, FinishedSpan, SpanKind, SpanStatus, hex};
 
 /// Lines waiting for the writer thread. Stdout can be a slow pipe; beyond this many the agent
@@ -43,56 +45,7 @@ pub fn format_span_line(span: &FinishedSpan) -> String {
     let mut line = String::with_capacity(192);
     line.push_str(&rfc3339_millis(span.start));
     line.push(' ');
-    line.push_str(match span.kind {
-        SpanKind::Server => "SERVER",
-        SpanKind::Client => "CLIENT",
-        SpanKind::Internal => "INTERNAL",
-    });
-    line.push(' ');
-    push_token(&mut line, &span.resource.service_name);
-    line.push(' ');
-    match span
-        .attr("http.request.method")
-        .filter(|_| span.attr("rpc.system").is_none())
-    {
-        Some(method) => {
-            push_token(&mut line, &attr_text(method));
-            line.push(' ');
-            match span.attr("url.path") {
-                Some(path) => push_token(&mut line, &attr_text(path)),
-                None => line.push('-'),
-            }
-        }
-        None if span.attr("rpc.system").is_some() => {
-            // `grpc pkg.Service/Method`.
-            push_token(
-                &mut line,
-                &span.attr("rpc.system").map(attr_text).unwrap_or_default(),
-            );
-            line.push(' ');
-            push_token(&mut line, &span.name);
-        }
-        None => {
-            // Other spans are named `<system> <operation>` (e.g. `plugin invoke_tool`): two
-            // tokens, like method and path.
-            let mut words = span.name.splitn(2, ' ');
-            push_token(&mut line, words.next().unwrap_or("-"));
-            line.push(' ');
-            match words.next() {
-                Some(rest) => push_token(&mut line, rest),
-                None => line.push('-'),
-            }
-        }
-    }
-    line.push(' ');
-    let status = match span.attr("rpc.system") {
-        Some(_) => span.attr("rpc.grpc.status_code"),
-        None => span.attr("http.response.status_code"),
-    };
-    match status {
-        Some(status) => push_token(&mut line, &attr_text(status)),
-        None => line.push('-'),
-    }
+    push_head(&mut line, span);
     let micros = span
         .end
         .duration_since(span.start)
@@ -124,6 +77,67 @@ pub fn format_span_line(span: &FinishedSpan) -> String {
         let _ = write!(line, " error=\"{}\"", short.escape_debug());
     }
     line
+}
+
+/// `SERVER app GET /hello 200`: kind, service, method and path (or the two words of the
+/// name), status; the part of the span line that names the span. Also the tree label.
+pub(crate) fn span_head(span: &FinishedSpan) -> String {
+    let mut head = String::with_capacity(96);
+    push_head(&mut head, span);
+    head
+}
+
+fn push_head(line: &mut String, span: &FinishedSpan) {
+    line.push_str(match span.kind {
+        SpanKind::Server => "SERVER",
+        SpanKind::Client => "CLIENT",
+        SpanKind::Internal => "INTERNAL",
+    });
+    line.push(' ');
+    push_token(line, &span.resource.service_name);
+    line.push(' ');
+    match span
+        .attr("http.request.method")
+        .filter(|_| span.attr("rpc.system").is_none())
+    {
+        Some(method) => {
+            push_token(line, &attr_text(method));
+            line.push(' ');
+            match span.attr("url.path") {
+                Some(path) => push_token(line, &attr_text(path)),
+                None => line.push('-'),
+            }
+        }
+        None if span.attr("rpc.system").is_some() => {
+            // `grpc pkg.Service/Method`.
+            push_token(
+                line,
+                &span.attr("rpc.system").map(attr_text).unwrap_or_default(),
+            );
+            line.push(' ');
+            push_token(line, &span.name);
+        }
+        None => {
+            // Other spans are named `<system> <operation>` (e.g. `plugin invoke_tool`): two
+            // tokens, like method and path.
+            let mut words = span.name.splitn(2, ' ');
+            push_token(line, words.next().unwrap_or("-"));
+            line.push(' ');
+            match words.next() {
+                Some(rest) => push_token(line, rest),
+                None => line.push('-'),
+            }
+        }
+    }
+    line.push(' ');
+    let status = match span.attr("rpc.system") {
+        Some(_) => span.attr("rpc.grpc.status_code"),
+        None => span.attr("http.response.status_code"),
+    };
+    match status {
+        Some(status) => push_token(line, &attr_text(status)),
+        None => line.push('-'),
+    }
 }
 
 /// The other end of the request, as `address:port`.
@@ -205,16 +219,75 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (y, m, d)
 }
 
+/// One queued item: a span line and, for the trace tree, what the tree needs of the span.
+#[derive(Debug)]
+struct Queued {
+    line: String,
+    tree: Option<TreeSpan>,
+}
+
+/// What the console tree did (see [`TreeCounters`]), plus tree lines that could not be
+/// written. Shared with the writer thread.
+#[derive(Debug, Default)]
+struct TreeStats {
+    traces_printed: AtomicU64,
+    single_span_traces: AtomicU64,
+    evicted_full: AtomicU64,
+    evicted_no_root: AtomicU64,
+    spans_evicted: AtomicU64,
+    flushed_at_stop: AtomicU64,
+    late_spans: AtomicU64,
+    /// Traces and spans held now, waiting for their root.
+    traces_held: AtomicU64,
+    spans_held: AtomicU64,
+    lines_failed: AtomicU64,
+}
+
+impl TreeStats {
+    fn publish(&self, buffer: &TraceBuffer) {
+        let c = buffer.counters();
+        let (traces, spans) = buffer.held();
+        for (cell, v) in [
+            (&self.traces_printed, c.traces_printed),
+            (&self.single_span_traces, c.single_span_traces),
+            (&self.evicted_full, c.evicted_full),
+            (&self.evicted_no_root, c.evicted_no_root),
+            (&self.spans_evicted, c.spans_evicted),
+            (&self.flushed_at_stop, c.flushed_at_stop),
+            (&self.late_spans, c.late_spans),
+            (&self.traces_held, traces as u64),
+            (&self.spans_held, spans as u64),
+        ] {
+            cell.store(v, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counters of the console trace trees.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConsoleTreeStats {
+    pub(crate) counters: TreeCounters,
+    pub(crate) traces_held: u64,
+    pub(crate) spans_held: u64,
+    /// Tree lines that could not be written (stdout closed).
+    pub(crate) lines_failed: u64,
+}
+
 /// Writes formatted lines to stdout from its own thread, so a slow or stuck reader of stdout
-/// never blocks the agent.
+/// never blocks the agent. The same thread keeps the per-trace buffer of the trace trees
+/// ([`TraceBuffer`]) and wakes every [`TREE_TICK`] to print or evict what waited long enough.
 #[derive(Debug)]
 pub(crate) struct ConsoleSink {
     /// None once shut down; dropping the sender is what tells the writer to finish.
-    tx: Mutex<Option<SyncSender<String>>>,
+    tx: Mutex<Option<SyncSender<Queued>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     written: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    tree: Arc<TreeStats>,
 }
+
+/// How often the writer thread looks for traces to print or evict when no span arrives.
+pub const TREE_TICK: Duration = Duration::from_millis(250);
 
 impl ConsoleSink {
     pub(crate) fn stdout() -> Result<Self, ConsoleError> {
@@ -228,15 +301,17 @@ impl ConsoleSink {
         W: Write,
         F: Fn() -> W + Send + 'static,
     {
-        let (tx, rx) = mpsc::sync_channel::<String>(CONSOLE_QUEUE);
+        let (tx, rx) = mpsc::sync_channel::<Queued>(CONSOLE_QUEUE);
         let written = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
+        let tree = Arc::new(TreeStats::default());
         let writer = thread::Builder::new()
             .name("difytrace-console".into())
             .spawn({
                 let written = Arc::clone(&written);
                 let failed = Arc::clone(&failed);
-                move || write_lines(&rx, open, &written, &failed)
+                let tree = Arc::clone(&tree);
+                move || write_lines(&rx, open, &written, &failed, &tree)
             })
             .map_err(ConsoleError::Spawn)?;
         Ok(Self {
@@ -244,32 +319,71 @@ impl ConsoleSink {
             writer: Mutex::new(Some(writer)),
             written,
             failed,
+            tree,
         })
     }
 
-    /// Queues one line; false when it was dropped.
+    /// Queues the line of `span` and hands the span to the trace tree; false when dropped.
+    pub(crate) fn send_span(&self, span: &FinishedSpan) -> bool {
+        self.queue(Queued {
+            line: format_span_line(span),
+            tree: Some(TreeSpan::of(span)),
+        })
+    }
+
+    /// Queues one line (no tree); false when it was dropped.
+    #[cfg(test)]
     pub(crate) fn send(&self, line: String) -> bool {
+        self.queue(Queued { line, tree: None })
+    }
+
+    fn queue(&self, item: Queued) -> bool {
         let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(tx) = tx.as_ref() else {
             return false;
         };
-        match tx.try_send(line) {
+        match tx.try_send(item) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
         }
     }
 
-    /// Lines written to stdout.
+    /// Span lines written to stdout (tree lines are not counted).
     pub(crate) fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }
 
-    /// Lines that were queued but could not be written (stdout closed).
+    /// Span lines that were queued but could not be written (stdout closed).
     pub(crate) fn failed(&self) -> u64 {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// Writes out what is queued, waiting at most until `deadline`.
+    /// Counters of the trace trees, as of the writer's last batch.
+    #[allow(
+        dead_code,
+        reason = "read by tests; not yet part of ExportStats or the agent's stats line"
+    )]
+    pub(crate) fn tree_stats(&self) -> ConsoleTreeStats {
+        let t = &self.tree;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ConsoleTreeStats {
+            counters: TreeCounters {
+                traces_printed: get(&t.traces_printed),
+                single_span_traces: get(&t.single_span_traces),
+                evicted_full: get(&t.evicted_full),
+                evicted_no_root: get(&t.evicted_no_root),
+                spans_evicted: get(&t.spans_evicted),
+                flushed_at_stop: get(&t.flushed_at_stop),
+                late_spans: get(&t.late_spans),
+            },
+            traces_held: get(&t.traces_held),
+            spans_held: get(&t.spans_held),
+            lines_failed: get(&t.lines_failed),
+        }
+    }
+
+    /// Writes out what is queued, waiting at most until `deadline`. Traces still waiting for
+    /// their root are printed as they are (marked incomplete).
     pub(crate) fn shutdown(&self, deadline: Instant) {
         // Closing the channel ends the writer once it has drained the queue.
         self.tx
@@ -300,56 +414,146 @@ impl ConsoleSink {
 /// How long the writer waits after the first line of a burst before writing it out.
 const BATCH_GATHER: Duration = Duration::from_millis(2);
 
-fn write_lines<W: Write>(
-    rx: &Receiver<String>,
-    open: impl Fn() -> W,
-    written: &AtomicU64,
-    failed: &AtomicU64,
-) {
-    let mut broken = false;
-    while let Ok(first) = rx.recv() {
-        // Spans arrive in bursts (one per ring buffer drain); waiting a moment lets a burst
-        // gather so the thread wakes once per burst, not once per span.
-        thread::sleep(BATCH_GATHER);
-        let mut out = io::BufWriter::new(open());
-        let mut next = Some(first);
-        let mut pending = 0u64;
-        while let Some(line) = next {
-            if broken {
-                failed.fetch_add(1, Ordering::Relaxed);
-            } else {
-                let res = out
-                    .write_all(line.as_bytes())
-                    .and_then(|()| out.write_all(b"\n"));
-                match res {
-                    Ok(()) => pending += 1,
-                    Err(e) => {
-                        // Typically EPIPE: nobody reads stdout any more. Keep draining so the
-                        // senders never block, and count instead of retrying forever.
-                        tracing::warn!(error = %e, "stdout is not writable; console output stops");
-                        failed.fetch_add(1 + pending, Ordering::Relaxed);
-                        pending = 0;
-                        broken = true;
-                    }
-                }
+/// A line to write: a span line (counted in `written`/`failed`) or a tree line.
+struct OutLine {
+    text: String,
+    span: bool,
+}
+
+/// The stdout side of the writer thread.
+struct Output<'a, W: Write, F: Fn() -> W> {
+    open: F,
+    written: &'a AtomicU64,
+    failed: &'a AtomicU64,
+    tree: &'a TreeStats,
+    broken: bool,
+}
+
+impl<W: Write, F: Fn() -> W> Output<'_, W, F> {
+    fn fail(&self, span_lines: u64, tree_lines: u64) {
+        self.failed.fetch_add(span_lines, Ordering::Relaxed);
+        self.tree
+            .lines_failed
+            .fetch_add(tree_lines, Ordering::Relaxed);
+    }
+
+    /// Writes a batch, one flush at the end.
+    fn write(&mut self, lines: Vec<OutLine>) {
+        if lines.is_empty() {
+            return;
+        }
+        let count = |ls: &[OutLine]| {
+            let spans = ls.iter().filter(|l| l.span).count() as u64;
+            (spans, ls.len() as u64 - spans)
+        };
+        if self.broken {
+            let (s, t) = count(&lines);
+            self.fail(s, t);
+            return;
+        }
+        let mut out = io::BufWriter::new((self.open)());
+        let (mut pending_spans, mut pending_tree) = (0u64, 0u64);
+        for (pos, line) in lines.iter().enumerate() {
+            let res = out
+                .write_all(line.text.as_bytes())
+                .and_then(|()| out.write_all(b"\n"));
+            if let Err(e) = res {
+                // Typically EPIPE: nobody reads stdout any more. Keep draining so the
+                // senders never block, and count instead of retrying forever.
+                tracing::warn!(error = %e, "stdout is not writable; console output stops");
+                let (s, t) = count(&lines[pos..]);
+                self.fail(pending_spans + s, pending_tree + t);
+                self.broken = true;
+                return;
             }
-            next = rx.try_recv().ok();
+            if line.span {
+                pending_spans += 1;
+            } else {
+                pending_tree += 1;
+            }
         }
         // One flush per drained batch: whoever reads the pipe still sees every span as soon
         // as the queue is empty, without a write syscall per line under load.
-        if !broken {
-            match out.flush() {
-                Ok(()) => {
-                    written.fetch_add(pending, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "stdout is not writable; console output stops");
-                    failed.fetch_add(pending, Ordering::Relaxed);
-                    broken = true;
-                }
+        match out.flush() {
+            Ok(()) => {
+                self.written.fetch_add(pending_spans, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "stdout is not writable; console output stops");
+                self.fail(pending_spans, pending_tree);
+                self.broken = true;
             }
         }
     }
+}
+
+fn tree_lines(lines: Vec<String>) -> impl Iterator<Item = OutLine> {
+    lines.into_iter().map(|text| OutLine { text, span: false })
+}
+
+fn write_lines<W: Write>(
+    rx: &Receiver<Queued>,
+    open: impl Fn() -> W,
+    written: &AtomicU64,
+    failed: &AtomicU64,
+    tree: &TreeStats,
+) {
+    let mut out = Output {
+        open,
+        written,
+        failed,
+        tree,
+        broken: false,
+    };
+    let mut buffer = TraceBuffer::new();
+    loop {
+        let mut next = match rx.recv_timeout(TREE_TICK) {
+            Ok(first) => {
+                // Spans arrive in bursts (one per ring buffer drain); waiting a moment lets a
+                // burst gather so the thread wakes once per burst, not once per span.
+                thread::sleep(BATCH_GATHER);
+                Some(first)
+            }
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut batch = Vec::new();
+        while let Some(item) = next {
+            batch.push(OutLine {
+                text: item.line,
+                span: true,
+            });
+            if let Some(span) = item.tree {
+                batch.extend(tree_lines(buffer.push(span, Instant::now())));
+            }
+            next = rx.try_recv().ok();
+        }
+        batch.extend(tree_lines(buffer.tick(Instant::now())));
+        out.write(batch);
+        tree.publish(&buffer);
+    }
+    out.write(tree_lines(buffer.drain_all(Instant::now())).collect());
+    tree.publish(&buffer);
+    let c = buffer.counters();
+    let lost = tree.lines_failed.load(Ordering::Relaxed);
+    if c.evicted_full + c.evicted_no_root + lost > 0 {
+        tracing::info!(
+            evicted_full = c.evicted_full,
+            evicted_no_root = c.evicted_no_root,
+            spans_evicted = c.spans_evicted,
+            lines_failed = lost,
+            "console trace trees printed incomplete because of their bounds"
+        );
+    }
+    tracing::debug!(
+        traces_printed = c.traces_printed,
+        evicted_full = c.evicted_full,
+        evicted_no_root = c.evicted_no_root,
+        spans_evicted = c.spans_evicted,
+        flushed_at_stop = c.flushed_at_stop,
+        late_spans = c.late_spans,
+        "console trace trees stopped"
+    );
 }
 
 #[cfg(test)]
@@ -563,5 +767,51 @@ mod tests {
         assert_eq!(lines[99], "line 99");
         assert_eq!(sink.written(), 100);
         assert_eq!(sink.failed(), 0);
+    }
+
+    #[test]
+    fn sink_prints_the_tree_when_the_root_arrives_and_leftovers_at_shutdown() {
+        let out = Shared::default();
+        let sink = ConsoleSink::with_writer({
+            let out = out.clone();
+            move || out.clone()
+        })
+        .expect("spawn writer");
+        let path = |p: &str| vec![("http.request.method", s("GET")), ("url.path", s(p))];
+        let mut child = span(SpanKind::Client, path("/down"));
+        child.span_id = [9; 8];
+        child.parent_span_id = Some([7; 8]);
+        let mut root = span(SpanKind::Server, path("/chain"));
+        root.span_id = [7; 8];
+        root.parent_span_id = None;
+        root.start = child.start - Duration::from_millis(1);
+        root.end = child.end + Duration::from_millis(1);
+        let mut other = span(SpanKind::Server, path("/other"));
+        other.trace_id = [5; 16];
+        assert!(sink.send_span(&child));
+        assert!(sink.send_span(&root));
+        assert!(sink.send_span(&other));
+        sink.shutdown(Instant::now() + Duration::from_secs(5));
+        let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        // The single-span trace left at shutdown is not drawn.
+        assert_eq!(lines.len(), 3 + 3, "{text}");
+        assert!(lines[0].contains(" CLIENT app GET /down - "), "{text}");
+        assert!(lines[1].contains(" SERVER app GET /chain - "), "{text}");
+        assert!(
+            lines[2].starts_with("trace 4bf92f3577b34da6a3ce929d0e0e4736: 2 spans, 14.345ms"),
+            "{text}"
+        );
+        assert!(lines[3].starts_with("  SERVER app GET /chain -"), "{text}");
+        assert!(lines[4].starts_with("    CLIENT app GET /down -"), "{text}");
+        assert!(lines[4].ends_with("<- slowest"), "{text}");
+        assert!(lines[5].contains(" SERVER app GET /other - "), "{text}");
+        // Only span lines count as exported spans.
+        assert_eq!(sink.written(), 3);
+        let t = sink.tree_stats();
+        assert_eq!(t.counters.traces_printed, 1);
+        assert_eq!(t.counters.single_span_traces, 1);
+        assert_eq!(t.counters.flushed_at_stop, 1);
+        assert_eq!((t.traces_held, t.spans_held, t.lines_failed), (0, 0, 0));
     }
 }

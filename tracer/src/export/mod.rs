@@ -5,6 +5,7 @@
 //! and counted in [`ExportStats::spans_dropped`].
 
 pub mod console;
+pub mod console_tree;
 pub mod otlp;
 
 use std::{
@@ -92,7 +93,7 @@ impl Exporter {
     /// full.
     pub fn export(&self, span: FinishedSpan) {
         if let Some(console) = &self.console
-            && !console.send(format_span_line(&span))
+            && !console.send_span(&span)
         {
             self.console_dropped.fetch_add(1, Ordering::Relaxed);
         }
