@@ -35,7 +35,14 @@ const GRPC_CODE_NAMES: [&str; 17] = [
     "UNAUTHENTICATED",
 ];
 
-fn grpc_code_name(code: u32) -> String {
+/// Whether a non-OK gRPC `code` makes a span of `kind` an error: every one for a client, only
+/// the server's own faults for a server.
+pub fn grpc_is_fault(kind: SpanKind, code: u32) -> bool {
+    code != 0 && (kind == SpanKind::Client || SERVER_FAULT_CODES.contains(&code))
+}
+
+/// The name of a gRPC status code (`NOT_FOUND`), or its number when unknown.
+pub fn grpc_code_name(code: u32) -> String {
     GRPC_CODE_NAMES
         .get(code as usize)
         .map_or_else(|| code.to_string(), |n| (*n).to_string())
@@ -172,7 +179,7 @@ pub fn attributes(
 
     let mut error: Option<(String, String)> = None;
     if grpc && let Some(code) = grpc_status {
-        let fault = code != 0 && (kind == SpanKind::Client || SERVER_FAULT_CODES.contains(&code));
+        let fault = grpc_is_fault(kind, code);
         if fault {
             let message = stream
                 .grpc_message()

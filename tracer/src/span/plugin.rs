@@ -13,7 +13,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use super::{
-    builder::{SpanIds, new_span_id, root_ids},
+    builder::{SpanIds, child_of, root_ids},
     clock::Clock,
     model::{AttrValue, FinishedSpan, ProcessResource, SpanKind, SpanStatus},
 };
@@ -580,15 +580,6 @@ impl PluginSessions {
         }
         self.backwards
             .retain(|_, b| now_ns.saturating_sub(b.start_ns) <= INVOCATION_IDLE_NS);
-    }
-}
-
-fn child_of(parent: &SpanIds) -> SpanIds {
-    SpanIds {
-        trace_id: parent.trace_id,
-        span_id: new_span_id(),
-        parent_span_id: Some(parent.span_id),
-        parent_is_remote: false,
     }
 }
 

@@ -33,7 +33,8 @@ use crate::{
     protocol::http2::{Http2Stream, StreamEnd, grpc::split_path},
     span::{
         clock::monotonic_ns,
-        model::{AttrValue, FinishedSpan, SpanKind, SpanStatus},
+        h2_attrs,
+        model::{AttrValue, FinishedSpan, SpanStatus},
     },
     stream::{ConnKey, ExecCtx, Role, goroutine_ctx},
 };
@@ -759,29 +760,6 @@ fn fill_method(
     counters.methods_filled += 1;
 }
 
-/// gRPC codes that are the server's fault (as `h2_attrs`).
-const SERVER_FAULT_CODES: [u32; 6] = [2, 4, 12, 13, 14, 15];
-
-const GRPC_CODE_NAMES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
 /// The hook's status on `span` when the wire's was `hidden` (else only compared).
 fn fill_status(span: &mut FinishedSpan, call: &Call, hidden: bool, counters: &mut GrpcCounters) {
     let Some(code) = call.status else {
@@ -812,11 +790,8 @@ fn fill_status(span: &mut FinishedSpan, call: &Call, hidden: bool, counters: &mu
         AttrValue::Str("uprobe".into()),
     );
     counters.statuses_filled += 1;
-    let fault = code != 0 && (span.kind == SpanKind::Client || SERVER_FAULT_CODES.contains(&code));
-    if fault && span.status == SpanStatus::Unset {
-        let name = GRPC_CODE_NAMES
-            .get(code as usize)
-            .map_or_else(|| code.to_string(), |n| (*n).to_string());
+    if h2_attrs::grpc_is_fault(span.kind, code) && span.status == SpanStatus::Unset {
+        let name = h2_attrs::grpc_code_name(code);
         set_attr(span, "error.type", AttrValue::Str(name.clone()));
         span.status = SpanStatus::Error(name);
     }
@@ -831,6 +806,7 @@ mod tests {
     use crate::protocol::http1::ChunkTs;
     use crate::protocol::http2::{BodyStats, HeaderBlock, StreamHalf};
     use crate::span::model::ProcessResource;
+    use crate::span::model::SpanKind;
     use crate::stream::StreamEvent;
 
     struct Resources;

@@ -483,18 +483,8 @@ impl SpanBuilder {
         match role {
             Role::Server => {
                 let ids = match (link, incoming) {
-                    (Some(client), _) => SpanIds {
-                        trace_id: client.trace_id,
-                        span_id: new_span_id(),
-                        parent_span_id: Some(client.span_id),
-                        parent_is_remote: false,
-                    },
-                    (None, Some(tp)) => SpanIds {
-                        trace_id: tp.trace_id,
-                        span_id: new_span_id(),
-                        parent_span_id: Some(tp.span_id),
-                        parent_is_remote: true,
-                    },
+                    (Some(client), _) => child_of(&client),
+                    (None, Some(tp)) => under_traceparent(&tp),
                     (None, None) => root_ids(),
                 };
                 if self.active.len() < MAX_ACTIVE_THREADS
@@ -517,19 +507,9 @@ impl SpanBuilder {
                     self.context.app_context(parent.trace_id, tp);
                 }
                 match (inferred, incoming) {
-                    (Some(parent), _) => SpanIds {
-                        trace_id: parent.trace_id,
-                        span_id: new_span_id(),
-                        parent_span_id: Some(parent.span_id),
-                        parent_is_remote: false,
-                    },
+                    (Some(parent), _) => child_of(&parent),
                     // The application propagates its own context: our span sits under it.
-                    (None, Some(tp)) => SpanIds {
-                        trace_id: tp.trace_id,
-                        span_id: new_span_id(),
-                        parent_span_id: Some(tp.span_id),
-                        parent_is_remote: true,
-                    },
+                    (None, Some(tp)) => under_traceparent(&tp),
                     (None, None) => root_ids(),
                 }
             }
@@ -919,6 +899,26 @@ pub(super) fn root_ids() -> SpanIds {
         span_id: new_span_id(),
         parent_span_id: None,
         parent_is_remote: false,
+    }
+}
+
+/// New ids for a child of `parent`.
+pub(super) fn child_of(parent: &SpanIds) -> SpanIds {
+    SpanIds {
+        trace_id: parent.trace_id,
+        span_id: new_span_id(),
+        parent_span_id: Some(parent.span_id),
+        parent_is_remote: false,
+    }
+}
+
+/// New ids for a child of a remote context.
+fn under_traceparent(tp: &traceparent::TraceParent) -> SpanIds {
+    SpanIds {
+        trace_id: tp.trace_id,
+        span_id: new_span_id(),
+        parent_span_id: Some(tp.span_id),
+        parent_is_remote: true,
     }
 }
 
