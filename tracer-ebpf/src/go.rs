@@ -41,22 +41,27 @@ mod hook {
     pub const GIN: u64 = 3;
 }
 
-struct Regs {
-    rax: u64,
-    rbx: u64,
-    rdi: u64,
-    r14: u64,
+/// The argument registers the hooks read (ABIInternal), and the goroutine (r14).
+pub(crate) struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdi: u64,
+    pub r9: u64,
+    pub r14: u64,
 }
 
 #[inline(always)]
-fn regs(ctx: &ProbeContext) -> Regs {
+pub(crate) fn regs(ctx: &ProbeContext) -> Regs {
     // SAFETY: the context's pt_regs, readable directly by a probe program.
     unsafe {
         let r = &*ctx.regs;
         Regs {
             rax: r.rax,
             rbx: r.rbx,
+            rcx: r.rcx,
             rdi: r.rdi,
+            r9: r.r9,
             r14: r.r14,
         }
     }
@@ -224,21 +229,25 @@ pub fn go_roundtrip_enter(ctx: ProbeContext) -> u32 {
     if tls != 0 {
         return 0;
     }
-    // net.Conn interface: (itab, data); data is the *net.TCPConn.
-    let conn: Option<u64> = field(r.rax, off.persist_conn_conn).and_then(|a| read_user(a + 8));
-    let netfd: Option<u64> = conn
-        .and_then(|c| field(c, off.net_conn_fd))
-        .and_then(read_user);
-    let sysfd: Option<i64> = netfd
-        .and_then(|n| field(n, off.net_fd_pfd))
-        .and_then(|p| field(p, off.poll_fd_sysfd))
-        .and_then(read_user);
-    if let Some(fd) = sysfd
-        && (0..=i32::MAX as i64).contains(&fd)
-    {
-        emit(id, go_op::CLIENT_START, r.r14, 0, fd as i32, None, None);
+    if let Some(fd) = net_conn_fd(field(r.rax, off.persist_conn_conn), &off) {
+        emit(id, go_op::CLIENT_START, r.r14, 0, fd, None, None);
     }
     0
+}
+
+/// The fd of the `net.Conn` interface value at `conn`, taking its data for a `*net.TCPConn`
+/// (conn → netFD → pfd.Sysfd); None when a read fails or the number is no fd.
+#[inline(always)]
+pub(crate) fn net_conn_fd(conn: Option<u64>, off: &GoOffsets) -> Option<i32> {
+    // net.Conn interface: (itab, data).
+    let tcp_conn: u64 = conn.and_then(|a| read_user(a + 8))?;
+    let netfd: u64 = field(tcp_conn, off.net_conn_fd).and_then(read_user)?;
+    let sysfd: i64 = field(netfd, off.net_fd_pfd)
+        .and_then(|p| field(p, off.poll_fd_sysfd))
+        .and_then(read_user)?;
+    (0..=i32::MAX as i64)
+        .contains(&sysfd)
+        .then_some(sysfd as i32)
 }
 
 /// `runtime.newproc1(fn, callergp, callerpc, ...) *g`: rbx = the creating goroutine. It runs

@@ -24,54 +24,17 @@ use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use tracer_common::{GoOffsets, counter, go_op, role, sock_key};
 
 use crate::{
-    go::{emit, field, go_string, read_user, setup},
+    go::{emit, field, go_string, net_conn_fd, read_user, regs, setup},
     util::{SOCKETS, bump},
 };
-
-struct Regs {
-    rax: u64,
-    rbx: u64,
-    rcx: u64,
-    rdi: u64,
-    r9: u64,
-    r14: u64,
-}
-
-#[inline(always)]
-fn regs(ctx: &ProbeContext) -> Regs {
-    // SAFETY: the context's pt_regs, readable directly by a probe program.
-    unsafe {
-        let r = &*ctx.regs;
-        Regs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdi: r.rdi,
-            r9: r.r9,
-            r14: r.r14,
-        }
-    }
-}
 
 /// The fd behind the `net.Conn` interface at `conn_field`, when it names a socket of `tgid`
 /// that the syscall hooks follow.
 #[inline(always)]
 fn conn_fd(tgid: u32, conn_field: Option<u64>, off: &GoOffsets) -> Option<i32> {
-    // net.Conn interface: (itab, data); data is the *net.TCPConn.
-    let conn: Option<u64> = conn_field.and_then(|a| read_user(a + 8));
-    let netfd: Option<u64> = conn
-        .and_then(|c| field(c, off.net_conn_fd))
-        .and_then(read_user);
-    let sysfd: Option<i64> = netfd
-        .and_then(|n| field(n, off.net_fd_pfd))
-        .and_then(|p| field(p, off.poll_fd_sysfd))
-        .and_then(read_user);
-    let fd = match sysfd {
-        Some(fd) if (0..=i32::MAX as i64).contains(&fd) => fd as i32,
-        _ => {
-            bump(counter::GRPC_NO_SOCKET);
-            return None;
-        }
+    let Some(fd) = net_conn_fd(conn_field, off) else {
+        bump(counter::GRPC_NO_SOCKET);
+        return None;
     };
     // SAFETY: the value is copied out at once.
     let followed =
@@ -154,29 +117,55 @@ pub fn go_grpc_server_ret(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `(*http2Server).writeStatus(s, st)`: the stream's final status.
+/// `(*http2Server).writeStatus(t, s, st)`: rax = t, rbx = s, rcx = st.
 #[uprobe(multi)]
 pub fn go_grpc_server_status(ctx: ProbeContext) -> u32 {
-    let Some((id, tgid, off)) = setup(&ctx) else {
-        return 0;
-    };
     let r = regs(&ctx);
-    let common = common_stream(
+    report_status(
+        &ctx,
+        go_op::GRPC_SERVER_STATUS,
+        r.r14,
+        r.rax,
         r.rbx,
-        off.grpc_server_stream_stream,
-        off.grpc_server_stream_deref,
-    );
-    let Some(sid) = stream_id(common, &off) else {
+        r.rcx,
+        |off| {
+            (
+                off.grpc_http2_server_conn,
+                off.grpc_server_stream_stream,
+                off.grpc_server_stream_deref,
+            )
+        },
+    )
+}
+
+/// A stream's final status, from a hook on goroutine `g` whose arguments are the transport,
+/// the stream and the `*status.Status`; `layout` picks the side's (transport conn, stream's common part, deref)
+/// offsets.
+#[inline(always)]
+fn report_status(
+    ctx: &ProbeContext,
+    op: u8,
+    g: u64,
+    transport: u64,
+    stream: u64,
+    status: u64,
+    layout: impl Fn(&GoOffsets) -> (u32, u32, u32),
+) -> u32 {
+    let Some((id, tgid, off)) = setup(ctx) else {
         return 0;
     };
-    let Some(code) = status_code(r.rcx, &off) else {
+    let (conn_at, stream_at, deref) = layout(&off);
+    let Some(sid) = stream_id(common_stream(stream, stream_at, deref), &off) else {
         return 0;
     };
-    let Some(fd) = conn_fd(tgid, field(r.rax, off.grpc_http2_server_conn), &off) else {
+    let Some(code) = status_code(status, &off) else {
+        return 0;
+    };
+    let Some(fd) = conn_fd(tgid, field(transport, conn_at), &off) else {
         return 0;
     };
     let packed = u64::from(sid) | (u64::from(code) << 32);
-    emit(id, go_op::GRPC_SERVER_STATUS, r.r14, packed, fd, None, None);
+    emit(id, op, g, packed, fd, None, None);
     0
 }
 
@@ -238,29 +227,25 @@ pub fn go_grpc_client_ret(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `(*http2Client).closeStream(s, err, rst, rstCode, st, ...)`: the stream's final status as
-/// the client saw it (from its own, always complete, HPACK state).
+/// `(*http2Client).closeStream(t, s, err, rst, rstCode, st, ...)`: the stream's final status
+/// as the client saw it (from its own, always complete, HPACK state); rax = t, rbx = s,
+/// r9 = st.
 #[uprobe(multi)]
 pub fn go_grpc_client_status(ctx: ProbeContext) -> u32 {
-    let Some((id, tgid, off)) = setup(&ctx) else {
-        return 0;
-    };
     let r = regs(&ctx);
-    let common = common_stream(
+    report_status(
+        &ctx,
+        go_op::GRPC_CLIENT_STATUS,
+        r.r14,
+        r.rax,
         r.rbx,
-        off.grpc_client_stream_stream,
-        off.grpc_client_stream_deref,
-    );
-    let Some(sid) = stream_id(common, &off) else {
-        return 0;
-    };
-    let Some(code) = status_code(r.r9, &off) else {
-        return 0;
-    };
-    let Some(fd) = conn_fd(tgid, field(r.rax, off.grpc_http2_client_conn), &off) else {
-        return 0;
-    };
-    let packed = u64::from(sid) | (u64::from(code) << 32);
-    emit(id, go_op::GRPC_CLIENT_STATUS, r.r14, packed, fd, None, None);
-    0
+        r.r9,
+        |off| {
+            (
+                off.grpc_http2_client_conn,
+                off.grpc_client_stream_stream,
+                off.grpc_client_stream_deref,
+            )
+        },
+    )
 }
