@@ -204,12 +204,19 @@ fn nginx_misattributed(
     if client.parent_span_id == server.span_id && client.trace_id == server.trace_id {
         return Ok(None);
     }
-    let under = spans
+    Ok(Some(format!(
+        "nginx's {path} under {}",
+        parent_path(spans, client)
+    )))
+}
+
+/// The `url.path` of `span`'s parent, for saying where a span wrongly hangs.
+fn parent_path(spans: &[ReceivedSpan], span: &ReceivedSpan) -> String {
+    spans
         .iter()
-        .find(|s| s.span_id == client.parent_span_id)
+        .find(|s| s.span_id == span.parent_span_id)
         .and_then(|s| s.attr_str("url.path"))
-        .unwrap_or_else(|| "no parent".into());
-    Ok(Some(format!("nginx's {path} under {under}")))
+        .unwrap_or_else(|| "no parent".into())
 }
 
 /// For each request: (its SERVER span, its CLIENT span, the downstream's SERVER span).
@@ -236,45 +243,72 @@ fn misattributed(spans: &[ReceivedSpan], worker: u32, down: u32, n: usize) -> Re
             remote.summary()
         );
         if client.parent_span_id != server.span_id || client.trace_id != server.trace_id {
-            let under = spans
-                .iter()
-                .find(|s| s.span_id == client.parent_span_id)
-                .and_then(|s| s.attr_str("url.path"))
-                .unwrap_or_else(|| "no parent".into());
-            wrong.push(format!("/down/{i} under {under}"));
+            wrong.push(format!("/down/{i} under {}", parent_path(spans, client)));
         }
     }
     Ok(wrong)
 }
 
+/// The gevent app (one worker) and its downstream, running.
+struct GeventApp {
+    down: SlowDownstream,
+    g: Gunicorn,
+    worker: u32,
+}
+
+impl GeventApp {
+    fn start(env: &[(&str, &str)]) -> Result<Self> {
+        check_flask_gunicorn()?;
+        let down = SlowDownstream::start()?;
+        let mut all_env = vec![("DOWNSTREAM_PORT".to_string(), down.port.to_string())];
+        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let opts = GunicornOpts {
+            workers: 1,
+            worker_class: "gevent".into(),
+            env: all_env,
+            ..GunicornOpts::default()
+        };
+        let mut g = Gunicorn::start(GEVENT_APP, &opts)?;
+        let worker = *g
+            .wait_workers(Duration::from_secs(30))?
+            .first()
+            .context("no gunicorn worker")?;
+        Ok(Self { down, g, worker })
+    }
+
+    /// Agent arguments selecting the app and its downstream, exporting to `rx`.
+    fn agent_args(&self, rx: &OtlpReceiver) -> Vec<String> {
+        vec![
+            "--pid".to_string(),
+            self.g.master_pid().to_string(),
+            "--pid".to_string(),
+            self.down.proc.pid().to_string(),
+            "--otlp-endpoint".to_string(),
+            rx.grpc_endpoint(),
+        ]
+    }
+}
+
+/// Waits until the agent says it hooked `kind` (`Greenlet`, `Nginx`).
+fn wait_native(agent: &mut Agent, kind: &str) -> Result<()> {
+    agent
+        .wait_stderr(
+            |line| line.contains("native uprobes attached") && line.contains(kind),
+            ATTACH_WAIT,
+        )
+        .with_context(|| format!("the {kind} uprobes were not attached"))
+}
+
 /// The gevent app (and nginx in front of it when `nginx` is given) under load, traced by an
 /// agent with `extra` arguments; returns the requests whose spans are under the wrong parent.
 fn run(nginx: Option<&std::path::Path>, extra: &[&str]) -> Result<Vec<String>> {
-    check_flask_gunicorn()?;
-    let down = SlowDownstream::start()?;
-    let opts = GunicornOpts {
-        workers: 1,
-        worker_class: "gevent".into(),
-        env: vec![("DOWNSTREAM_PORT".into(), down.port.to_string())],
-        ..GunicornOpts::default()
-    };
-    let mut g = Gunicorn::start(GEVENT_APP, &opts)?;
-    let worker = *g
-        .wait_workers(Duration::from_secs(30))?
-        .first()
-        .context("no gunicorn worker")?;
+    let app = GeventApp::start(&[])?;
+    let (down, g, worker) = (&app.down, &app.g, app.worker);
     let proxy = nginx
         .map(|bin| Nginx::start_bin(bin, g.addr()))
         .transpose()?;
     let rx = OtlpReceiver::start()?;
-    let mut args = vec![
-        "--pid".to_string(),
-        g.master_pid().to_string(),
-        "--pid".to_string(),
-        down.proc.pid().to_string(),
-        "--otlp-endpoint".to_string(),
-        rx.grpc_endpoint(),
-    ];
+    let mut args = app.agent_args(&rx);
     if let Some(p) = &proxy {
         args.extend(["--pid".to_string(), p.master_pid().to_string()]);
     }
@@ -284,12 +318,7 @@ fn run(nginx: Option<&std::path::Path>, extra: &[&str]) -> Result<Vec<String>> {
         if extra.contains(&off) || (kind == "Nginx" && proxy.is_none()) {
             continue;
         }
-        agent
-            .wait_stderr(
-                |line| line.contains("native uprobes attached") && line.contains(kind),
-                ATTACH_WAIT,
-            )
-            .with_context(|| format!("the {kind} uprobes were not attached"))?;
+        wait_native(&mut agent, kind)?;
     }
     let front = proxy.as_ref().map_or(g.addr(), Nginx::addr);
     let nginx_worker = proxy
@@ -384,38 +413,11 @@ fn app_propagated_context_is_joined() -> Result<()> {
     let Some(_e2e) = difytrace_tests::e2e("app_propagated_context_is_joined") else {
         return Ok(());
     };
-    check_flask_gunicorn()?;
-    let down = SlowDownstream::start()?;
-    let opts = GunicornOpts {
-        workers: 1,
-        worker_class: "gevent".into(),
-        env: vec![
-            ("DOWNSTREAM_PORT".into(), down.port.to_string()),
-            ("APP_TRACING".into(), "1".into()),
-        ],
-        ..GunicornOpts::default()
-    };
-    let mut g = Gunicorn::start(GEVENT_APP, &opts)?;
-    let worker = *g
-        .wait_workers(Duration::from_secs(30))?
-        .first()
-        .context("no gunicorn worker")?;
+    let app = GeventApp::start(&[("APP_TRACING", "1")])?;
+    let (down, g, worker) = (&app.down, &app.g, app.worker);
     let rx = OtlpReceiver::start()?;
-    let args = [
-        "--pid".to_string(),
-        g.master_pid().to_string(),
-        "--pid".to_string(),
-        down.proc.pid().to_string(),
-        "--otlp-endpoint".to_string(),
-        rx.grpc_endpoint(),
-    ];
-    let mut agent = Agent::start(&args)?;
-    agent
-        .wait_stderr(
-            |line| line.contains("native uprobes attached") && line.contains("Greenlet"),
-            ATTACH_WAIT,
-        )
-        .context("the greenlet uprobes were not attached")?;
+    let mut agent = Agent::start(&app.agent_args(&rx))?;
+    wait_native(&mut agent, "Greenlet")?;
     let n = 20;
     drive(g.addr(), n, 10)?;
     let spans = rx.wait_for(

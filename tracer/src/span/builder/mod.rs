@@ -427,10 +427,9 @@ impl SpanBuilder {
         let Some((_, queue)) = self.pending.get_mut(&server) else {
             return false;
         };
-        // A root, or under a traceparent: the connection's other end wins over a header.
         let Some(pending) = queue
             .iter_mut()
-            .find(|p| !p.linked && (p.ids.parent_span_id.is_none() || p.ids.parent_is_remote))
+            .find(|p| may_move_under_client(p.linked, &p.ids))
         else {
             return false;
         };
@@ -453,8 +452,7 @@ impl SpanBuilder {
         let Some(pending) = self.pending_h2.get_mut(&(server, stream_id)) else {
             return false;
         };
-        if pending.linked || (pending.ids.parent_span_id.is_some() && !pending.ids.parent_is_remote)
-        {
+        if !may_move_under_client(pending.linked, &pending.ids) {
             return false;
         }
         pending.linked = true;
@@ -849,6 +847,12 @@ fn deactivate(
             active.remove(&(tgid, ctx));
         }
     }
+}
+
+/// Whether a SERVER span started before its CLIENT end appeared may move under it: not paired
+/// yet, and a root or under a traceparent (the connection's other end wins over a header).
+fn may_move_under_client(linked: bool, ids: &SpanIds) -> bool {
+    !linked && (ids.parent_span_id.is_none() || ids.parent_is_remote)
 }
 
 /// `ids` moved under `parent`, keeping its span id.
