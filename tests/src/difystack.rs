@@ -29,8 +29,6 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -39,7 +37,7 @@ use crate::jaeger::JaegerSpan;
 use crate::nginx::{NGINX_COMM, Nginx};
 use crate::otlp_receiver::{Kind, ReceivedSpan};
 use crate::plugin::{DAEMON_COMM, PLUGIN_NAME, PLUGIN_VERSION, PluginFixture};
-use crate::procs::{HttpConn, Proc, free_port, local};
+use crate::procs::{HttpConn, Proc, concurrently, free_port, local};
 use crate::python::{Gunicorn, GunicornOpts};
 use crate::{TempDir, workspace_root};
 
@@ -677,30 +675,7 @@ fn chat(addr: SocketAddr, conn: &mut Option<HttpConn>, i: usize) -> ChatOutcome 
 /// each with its own keep-alive connection, released together); returns every outcome in
 /// number order. Never fails: see [`check_outcomes`].
 pub fn drive(addr: SocketAddr, numbers: Range<usize>, in_flight: usize) -> Vec<ChatOutcome> {
-    let n = numbers.len();
-    let workers = in_flight.clamp(1, n.max(1));
-    let next = AtomicUsize::new(numbers.start);
-    let start = Barrier::new(workers);
-    let out = Mutex::new(Vec::with_capacity(n));
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                start.wait();
-                let mut conn = None;
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= numbers.end {
-                        break;
-                    }
-                    let o = chat(addr, &mut conn, i);
-                    out.lock().unwrap_or_else(|p| p.into_inner()).push(o);
-                }
-            });
-        }
-    });
-    let mut out = out.into_inner().unwrap_or_else(|p| p.into_inner());
-    out.sort_by_key(|o| o.i);
-    out
+    concurrently(numbers, in_flight, || None, |conn, i| chat(addr, conn, i))
 }
 
 /// Fails unless every request got its right answer; the error lists the bad ones.

@@ -32,13 +32,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Barrier, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::procs::{HttpConn, HttpResponse, Proc, http_get};
+use crate::procs::{HttpConn, HttpResponse, Proc, concurrently, http_get};
 use crate::{TempDir, workspace_root};
 
 /// Binary name, and so the comm, of the daemon.
@@ -615,28 +614,7 @@ pub fn invoke(daemon: SocketAddr, index: usize) -> Invocation {
 /// released together), one connection each; returns every outcome, in index order. Never
 /// fails: see [`check_invocations`].
 pub fn invoke_many(daemon: SocketAddr, n: usize, concurrency: usize) -> Vec<Invocation> {
-    let workers = concurrency.clamp(1, n.max(1));
-    let next = AtomicUsize::new(0);
-    let start = Barrier::new(workers);
-    let out = Mutex::new(Vec::with_capacity(n));
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                start.wait();
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= n {
-                        break;
-                    }
-                    let inv = invoke(daemon, i);
-                    out.lock().unwrap_or_else(|p| p.into_inner()).push(inv);
-                }
-            });
-        }
-    });
-    let mut out = out.into_inner().unwrap_or_else(|p| p.into_inner());
-    out.sort_by_key(|i| i.index);
-    out
+    concurrently(0..n, concurrency, || (), |_, i| invoke(daemon, i))
 }
 
 /// Fails unless every invocation got 200 and its own tenant back; the error lists the bad

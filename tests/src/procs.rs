@@ -664,6 +664,43 @@ pub fn read_chunked(r: &mut impl BufRead) -> Result<Vec<u8>> {
     }
 }
 
+/// Runs `work(state, i)` for every `i` of `numbers` on at most `in_flight` worker threads,
+/// released together; each worker has its own `state` (from `init`, e.g. a keep-alive
+/// connection). Returns the results in `numbers` order.
+pub fn concurrently<S, T: Send>(
+    numbers: std::ops::Range<usize>,
+    in_flight: usize,
+    init: impl Fn() -> S + Sync,
+    work: impl Fn(&mut S, usize) -> T + Sync,
+) -> Vec<T> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let workers = in_flight.clamp(1, numbers.len().max(1));
+    let next = AtomicUsize::new(numbers.start);
+    let start = std::sync::Barrier::new(workers);
+    let out = std::sync::Mutex::new(Vec::with_capacity(numbers.len()));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                start.wait();
+                let mut state = init();
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= numbers.end {
+                        break;
+                    }
+                    let result = work(&mut state, i);
+                    out.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((i, result));
+                }
+            });
+        }
+    });
+    let mut out = out.into_inner().unwrap_or_else(|p| p.into_inner());
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

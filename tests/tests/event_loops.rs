@@ -26,7 +26,7 @@ use anyhow::{Context as _, Result, ensure};
 use difytrace_tests::agent::Agent;
 use difytrace_tests::nginx::{Nginx, require_nginx};
 use difytrace_tests::otlp_receiver::{OtlpReceiver, ReceivedSpan, summarize};
-use difytrace_tests::procs::http_get;
+use difytrace_tests::procs::{concurrently, http_get};
 use difytrace_tests::python::{Gunicorn, GunicornOpts, check_flask_gunicorn, python3};
 
 const SPAN_WAIT: Duration = Duration::from_secs(60);
@@ -122,34 +122,24 @@ impl SlowDownstream {
 
 /// `GET /work/0 .. /work/<n-1>` with `in_flight` at once; every answer must be right.
 fn drive(addr: SocketAddr, n: usize, in_flight: usize) -> Result<()> {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|scope| -> Result<()> {
-        let workers: Vec<_> = (0..in_flight)
-            .map(|_| {
-                scope.spawn(|| -> Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        if i >= n {
-                            return Ok(());
-                        }
-                        let path = format!("/work/{i}");
-                        let r = http_get(addr, &path, &[]).with_context(|| path.clone())?;
-                        ensure!(
-                            r.status == 200 && r.text() == format!("work-{i}:down-{i}"),
-                            "{path}: {} {:?}",
-                            r.status,
-                            r.text()
-                        );
-                    }
-                })
-            })
-            .collect();
-        for w in workers {
-            w.join()
-                .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
-        }
-        Ok(())
-    })
+    concurrently(
+        0..n,
+        in_flight,
+        || (),
+        |_, i| -> Result<()> {
+            let path = format!("/work/{i}");
+            let r = http_get(addr, &path, &[]).with_context(|| path.clone())?;
+            ensure!(
+                r.status == 200 && r.text() == format!("work-{i}:down-{i}"),
+                "{path}: {} {:?}",
+                r.status,
+                r.text()
+            );
+            Ok(())
+        },
+    )
+    .into_iter()
+    .collect()
 }
 
 fn span_for<'s>(
