@@ -21,6 +21,7 @@ pub mod difystack;
 pub mod goapp;
 pub mod grpc;
 pub mod jaeger;
+pub mod kube_tools;
 pub mod nginx;
 pub mod otlp_receiver;
 pub mod plugin;

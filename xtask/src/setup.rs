@@ -43,6 +43,15 @@ const PYTHON_PACKAGES: &[&str] = &[
 const PYTHON_IMPORTS: &str = "import flask, gunicorn, gevent, httpx, packaging";
 const JAEGER_MODULE: &str = "github.com/jaegertracing/jaeger";
 const JAEGER_VERSION: &str = "v1.76.0";
+/// Go tools the deploy/ tests run (tests/tests/deploy_manifests.rs): (module, package, version).
+const KUBE_TOOLS: &[(&str, &str, &str)] = &[
+    (
+        "github.com/yannh/kubeconform",
+        "github.com/yannh/kubeconform/cmd/kubeconform",
+        "v0.8.0",
+    ),
+    ("helm.sh/helm/v3", "helm.sh/helm/v3/cmd/helm", "v3.22.0"),
+];
 
 /// What to do about the host facts (kernel, BTF, root) that setup cannot change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +93,10 @@ pub fn setup(opts: Options) -> Result<()> {
     }
     if opts.jaeger {
         ensure_jaeger()?;
+        // with the other end-to-end test tools
+        for (module, package, version) in KUBE_TOOLS {
+            ensure_go_tool(module, package, version)?;
+        }
     }
 
     if !host_problems.is_empty() {
@@ -385,6 +398,32 @@ fn ensure_jaeger() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `go install <package>@<version>` into `$(go env GOPATH)/bin` unless that binary is
+/// already built from `module` at `version`.
+fn ensure_go_tool(module: &str, package: &str, version: &str) -> Result<()> {
+    let name = package.rsplit('/').next().unwrap_or(package);
+    let bin = jaeger_bin()?.with_file_name(name);
+    let built_from = |out: String| {
+        out.lines().any(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            fields.first() == Some(&"mod")
+                && fields.get(1) == Some(&module)
+                && fields.get(2) == Some(&version)
+        })
+    };
+    if bin.exists()
+        && probe(command("go").arg("version").arg("-m").arg(&bin)).is_some_and(built_from)
+    {
+        say!("{name} {version} at {}: present", bin.display());
+        return Ok(());
+    }
+    say!("{name}: installing {package}@{version}");
+    run(command("go")
+        .arg("install")
+        .arg(format!("{package}@{version}")))
+    .with_context(|| format!("installing {name}"))
 }
 
 fn jaeger_has_version(bin: &Path) -> bool {
