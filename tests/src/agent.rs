@@ -46,6 +46,16 @@ impl Agent {
     }
 
     pub fn start_with_timeout<S: AsRef<str>>(args: &[S], ready_timeout: Duration) -> Result<Agent> {
+        Self::start_launched(|bin| Command::new(bin), args, ready_timeout)
+    }
+
+    /// Like [`Agent::start_with_timeout`], with the command that runs the agent built by
+    /// `launcher` from the binary's path (e.g. under capsh); the arguments are appended.
+    pub fn start_launched<S: AsRef<str>>(
+        launcher: impl FnOnce(&std::path::Path) -> Command,
+        args: &[S],
+        ready_timeout: Duration,
+    ) -> Result<Agent> {
         let bin = agent_binary();
         if !bin.is_file() {
             bail!(
@@ -56,7 +66,7 @@ impl Agent {
         let dir = TempDir::new("agent")?;
         let ready_file = dir.join("ready");
         let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
-        let mut cmd = Command::new(&bin);
+        let mut cmd = launcher(&bin);
         cmd.args(&args)
             .arg("--ready-file")
             .arg(&ready_file)

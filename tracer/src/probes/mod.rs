@@ -4,6 +4,7 @@ pub mod btf;
 pub mod event;
 pub mod go;
 pub mod native;
+pub mod privileges;
 pub mod tracefs;
 
 use std::os::fd::AsRawFd as _;
@@ -93,6 +94,7 @@ pub type KernelCounters = [u64; counter::COUNT as usize];
 
 impl Probes {
     pub fn load(selection: &KernelSelection) -> anyhow::Result<Self> {
+        privileges::check(selection.greenlets || selection.nginx)?;
         tracefs::ensure_mounted()?;
         bump_memlock_rlimit();
         let fork_child_pid_offset =

@@ -13,12 +13,20 @@ pub fn ensure_mounted() -> anyhow::Result<()> {
         return Ok(());
     }
     info!("mounting tracefs at {TRACEFS}");
+    // Mounting needs CAP_SYS_ADMIN, which a container normally lacks: there the host's
+    // tracefs has to be mounted in (deploy/kubernetes/daemonset.yaml).
+    const HINT: &str = "mounting needs CAP_SYS_ADMIN and a mount binary; in a container, \
+                        mount the host's /sys/kernel/tracing into it";
     let status = std::process::Command::new("mount")
         .args(["-t", "tracefs", "nodev", TRACEFS])
         .status()
-        .context("running mount -t tracefs")?;
+        .with_context(|| {
+            format!("tracefs is not mounted at {TRACEFS}; running mount -t tracefs ({HINT})")
+        })?;
     if !status.success() {
-        return Err(anyhow!("mount -t tracefs nodev {TRACEFS} failed: {status}"));
+        return Err(anyhow!(
+            "tracefs is not mounted at {TRACEFS} and mount -t tracefs nodev {TRACEFS} failed: {status} ({HINT})"
+        ));
     }
     Ok(())
 }
