@@ -102,6 +102,9 @@ pub fn openapi_spec(version: &str) -> Result<PathBuf> {
 /// The directory to pass as kubeconform's schema location root for `version`: generated
 /// once, reused while its `complete` marker is there.
 pub fn schema_root(version: &str) -> Result<PathBuf> {
+    // the tests of one binary run in parallel by default: one generates, the others wait
+    static GENERATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = GENERATING.lock().unwrap_or_else(|p| p.into_inner());
     let root = target_dir().join("kube-schemas");
     let dir = root.join(format!("v{version}-standalone-strict"));
     let marker = dir.join("complete");
