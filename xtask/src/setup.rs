@@ -21,7 +21,8 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: LLVM 22 and what linking bpf-linker against it needs, then the load
-/// generator and the reverse proxy used by benchmarks and end-to-end tests.
+/// generator and the reverse proxy used by benchmarks and end-to-end tests, and the
+/// `openssl` command (the TLS tests' self-signed certificate).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -29,6 +30,7 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "wrk",
     "nginx",
+    "openssl",
 ];
 /// Pinned so a CI run tomorrow tests against the same servers as today.
 const PYTHON_PACKAGES: &[&str] = &[
