@@ -533,6 +533,60 @@ fn stripped_go_binary_has_no_tls_hooks_and_no_garbage_spans() -> Result<()> {
     Ok(())
 }
 
+/// A Python process that starts after the agent and imports `ssl` only then: its libssl is
+/// found by re-reading its maps (the agent follows it as the child of a watched shell).
+#[test]
+fn python_importing_ssl_after_the_agent_started_is_hooked() -> Result<()> {
+    let Some(_e2e) = prerequisites("python_importing_ssl_after_the_agent_started_is_hooked") else {
+        return Ok(());
+    };
+    let fx = prepare("tls-late", false)?;
+    let (_provider, url) = fx.start_provider(false)?;
+    let start = fx.dir.join("start");
+    // The shell waits for the agent, then execs Python (same pid, watched through --pid).
+    let script = format!(
+        "while [ ! -f '{}' ]; do sleep 0.05; done; exec '{}' '{}' '{}' '{}' '{}'",
+        start.display(),
+        python::python().display(),
+        workspace_root()
+            .join("tests/fixtures/tls/client.py")
+            .display(),
+        url,
+        fx.cert.display(),
+        fx.go_file().display()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script);
+    let mut py = Proc::spawn("latepy", cmd, fx.dir.path())?;
+    let rx = OtlpReceiver::start()?;
+    let mut agent = start_agent(&rx, Some(py.pid()), &[])?;
+    ensure!(
+        !agent.stderr().contains("OpenSSL uprobes attached"),
+        "libssl hooked before Python started:\n{}",
+        agent.logs(40)
+    );
+    std::fs::write(&start, b"start\n")?;
+    agent
+        .wait_stderr(
+            |log| log.contains("OpenSSL uprobes attached"),
+            Duration::from_secs(30),
+        )
+        .map_err(|e| agent.annotate(e))?;
+    fx.go()?;
+    let py_answers = answers(&mut py)?;
+    let py_pid = py.pid();
+    rx.wait_for(
+        |s| spans_of(s, py_pid).iter().filter(|s| is_chat(s)).count() >= 2,
+        SPAN_WAIT,
+    )
+    .map_err(|e| agent.annotate(e))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let spans = rx.spans();
+    let py_spans = check_tls_spans(&spans, py_pid, "python client (late)", true, 2)?;
+    check_body_sizes(&py_spans, &py_answers, "python client (late)")?;
+    Ok(())
+}
+
 /// Spans by (trace, span) id, once each.
 fn dedup(spans: Vec<ReceivedSpan>) -> Vec<ReceivedSpan> {
     let mut seen = BTreeSet::new();
