@@ -294,7 +294,7 @@ fn enter_data(regs: u64, op: u8, dir: u8, peek_flags_arg: Option<usize>, may_be_
     if !is_followed(id, tgid, fd, may_be_pipe) {
         return;
     }
-    if crate::tls::ciphertext(id, tgid, fd) {
+    if crate::tls::ciphertext(id, tgid, fd, dir) {
         // Its plaintext comes from the TLS library's uprobes.
         return;
     }

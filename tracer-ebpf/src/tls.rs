@@ -42,11 +42,15 @@ pub struct SslCall {
     /// `size_t *readbytes` / `*written` of the `_ex` forms; 0 for the int-returning ones.
     pub len_ptr: u64,
     pub ts_enter_ns: u64,
+    /// Bytes handed to the call (`num`).
+    pub num: u64,
     /// The socket the call's syscall used; -1 until one is seen.
     pub fd: i32,
     pub direction: u8,
     pub ex: u8,
-    pub _pad: [u8; 2],
+    /// A write's plaintext was already reported, at its first socket write.
+    pub emitted: u8,
+    pub _pad: u8,
 }
 
 #[map]
@@ -72,21 +76,44 @@ static GO_TLS_READS: LruHashMap<[u64; 2], GoTlsRead> =
 
 /// Called by the syscall hooks for a followed fd: whether this syscall's bytes are TLS
 /// ciphertext whose plaintext the uprobes report (then they are not copied).
+///
+/// A write's plaintext is reported here, at its first socket write, rather than when
+/// SSL_write returns: the peer may read, answer and be traced in between, and a request
+/// seen after its answer cannot be paired with the server's side any more.
 #[inline(always)]
-pub fn ciphertext(id: u64, tgid: u32, fd: i32) -> bool {
+pub fn ciphertext(id: u64, tgid: u32, fd: i32, dir: u8) -> bool {
     if !tls() {
         return false;
     }
     if let Some(call) = SSL_CALLS.get_ptr_mut(&id) {
         // SAFETY: map value pointer of this thread's own entry.
-        unsafe {
-            // One SSL call uses one socket: a second fd means the entry is stale (its
-            // return was never seen) and this syscall is not the call's.
-            if (*call).fd < 0 || (*call).fd == fd {
+        let c = unsafe { *call };
+        // One SSL call uses one socket: a second fd means the entry is stale (its return
+        // was never seen) and this syscall is not the call's.
+        if c.fd < 0 || c.fd == fd {
+            let first_write =
+                dir == direction::EGRESS && c.direction == direction::EGRESS && c.emitted == 0;
+            // SAFETY: as above.
+            unsafe {
                 (*call).fd = fd;
-                bump(counter::TLS_CIPHERTEXT_SKIPPED);
-                return true;
+                if first_write {
+                    (*call).emitted = 1;
+                }
             }
+            if first_write && c.num > 0 {
+                emit_plaintext(
+                    id,
+                    tgid,
+                    fd,
+                    direction::EGRESS,
+                    c.buf,
+                    c.num,
+                    c.ts_enter_ns,
+                    greenlet_ctx(id),
+                );
+            }
+            bump(counter::TLS_CIPHERTEXT_SKIPPED);
+            return true;
         }
     }
     // SAFETY: the flag is copied out.
@@ -164,9 +191,11 @@ fn ssl_enter(ctx: &ProbeContext, dir: u8, ex: bool) -> u32 {
         return 0;
     };
     // SAFETY: the context's pt_regs, readable directly by a probe program.
-    let (ssl, buf, len_ptr) = unsafe {
+    let (ssl, buf, num, len_ptr) = unsafe {
         let r = &*ctx.regs;
-        (r.rdi, r.rsi, if ex { r.rcx } else { 0 })
+        // `num` is an int for the plain forms: its upper half is not defined.
+        let num = if ex { r.rdx } else { r.rdx & 0xffff_ffff };
+        (r.rdi, r.rsi, num, if ex { r.rcx } else { 0 })
     };
     let call = SslCall {
         ssl,
@@ -174,10 +203,12 @@ fn ssl_enter(ctx: &ProbeContext, dir: u8, ex: bool) -> u32 {
         len_ptr,
         // SAFETY: helper without arguments.
         ts_enter_ns: unsafe { bpf_ktime_get_ns() },
+        num: if num > i32::MAX as u64 && !ex { 0 } else { num },
         fd: -1,
         direction: dir,
         ex: u8::from(ex),
-        _pad: [0; 2],
+        emitted: 0,
+        _pad: 0,
     };
     let _ = SSL_CALLS.insert(&id, &call, 0);
     0
@@ -249,7 +280,8 @@ pub fn ssl_ret(ctx: RetProbeContext) -> u32 {
             }
         }
     };
-    if n == 0 {
+    // A write reported at its first socket write is done.
+    if n == 0 || call.emitted != 0 {
         return 0;
     }
     emit_plaintext(
