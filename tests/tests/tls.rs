@@ -587,6 +587,52 @@ fn python_importing_ssl_after_the_agent_started_is_hooked() -> Result<()> {
     Ok(())
 }
 
+/// `--no-tls`: no TLS hooks at all, and the HTTPS traffic of both sides gives no span and
+/// no parse error (its records are still recognised as TLS).
+#[test]
+fn no_tls_flag_gives_no_hooks_and_no_garbage_spans() -> Result<()> {
+    let Some(_e2e) = prerequisites("no_tls_flag_gives_no_hooks_and_no_garbage_spans") else {
+        return Ok(());
+    };
+    let fx = prepare("tls-off", false)?;
+    let (provider, url) = fx.start_provider(false)?;
+    let mut py = fx.start_python_client(&url)?;
+    let rx = OtlpReceiver::start()?;
+    let mut agent = start_agent(&rx, Some(py.pid()), &["--no-tls"])?;
+    agent
+        .wait_stderr(
+            |log| log.contains("Go uprobes attached"),
+            Duration::from_secs(30),
+        )
+        .map_err(|e| agent.annotate(e))?;
+    fx.go()?;
+    answers(&mut py)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let log = agent.stderr();
+    ensure!(
+        !log.contains("OpenSSL uprobes attached") && !log.contains("\"crypto/tls.(*Conn).Read\""),
+        "TLS hooks attached despite --no-tls:\n{}",
+        agent.logs(40)
+    );
+    let spans = rx.spans();
+    let bad: Vec<ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.pid() == Some(py.pid()) || s.pid() == Some(provider.pid()))
+        .cloned()
+        .collect();
+    ensure!(
+        bad.is_empty(),
+        "spans from ciphertext with --no-tls:\n{}",
+        summarize(&bad, 10)
+    );
+    let stats = agent.stop_with_stats()?;
+    ensure!(
+        stats.get("parse_errors") == Some(&0) && stats.get("not_http") == Some(&0),
+        "ciphertext reached the HTTP parsers: {stats:?}"
+    );
+    Ok(())
+}
+
 /// Spans by (trace, span) id, once each.
 fn dedup(spans: Vec<ReceivedSpan>) -> Vec<ReceivedSpan> {
     let mut seen = BTreeSet::new();
