@@ -44,6 +44,9 @@ pub mod kind {
     pub const GO: u8 = 10;
     /// nginx picked the upstream connection for a downstream request (`NginxEvent`).
     pub const NGINX: u8 = 11;
+    /// Plaintext of a TLS connection, from the TLS library's uprobes (a `DataEvent`; its
+    /// fd, conn_id and seq are those of the socket underneath).
+    pub const TLS_DATA: u8 = 12;
 }
 
 /// What a `GoEvent` reports.
@@ -121,7 +124,16 @@ pub mod feature {
     /// Data records carry the thread's current greenlet (marked with `GREENLET_MARK`) when
     /// a greenlet switch was seen on the thread.
     pub const GREENLETS: u32 = 16;
+    /// TLS plaintext is captured by uprobes (OpenSSL, Go crypto/tls), and the ciphertext of
+    /// sockets known to carry TLS is not copied.
+    pub const TLS: u32 = 32;
 }
+
+/// OpenSSL calls (SSL_read/SSL_write and their `_ex` forms) in progress at once, one per
+/// thread.
+pub const MAX_SSL_INFLIGHT: u32 = 16384;
+/// `SSL*` objects whose socket fd is remembered at once.
+pub const MAX_SSL_FDS: u32 = 65536;
 
 /// Top 16 bits of `DataEvent::goroutine` when it holds a greenlet (a user-space pointer fits
 /// in the low 48 bits). A Go goroutine or a stray register never carries this pattern there.
@@ -169,7 +181,14 @@ pub mod counter {
     /// (a read faulted, the connection is not a plain `*net.TCPConn`, or its fd is not
     /// followed): no event.
     pub const GRPC_NO_SOCKET: u32 = 16;
-    pub const COUNT: u32 = 17;
+    /// TLS plaintext records produced (OpenSSL and Go crypto/tls uprobes).
+    pub const TLS_EVENTS: u32 = 17;
+    /// A TLS call whose socket could not be named (no fd seen for the `SSL*`, or the fd
+    /// is not a followed socket): its plaintext was not reported.
+    pub const TLS_NO_SOCKET: u32 = 18;
+    /// Syscalls on TLS sockets whose ciphertext was not copied.
+    pub const TLS_CIPHERTEXT_SKIPPED: u32 = 19;
+    pub const COUNT: u32 = 20;
 }
 
 /// One syscall's (or one iovec's) bytes on a socket.
@@ -331,6 +350,8 @@ pub struct GoOffsets {
     pub grpc_status_s: u32,
     /// `googleapis/rpc/status.Status.Code` (int32).
     pub grpc_status_code: u32,
+    /// `crypto/tls.Conn.conn` (net.Conn), the connection under TLS.
+    pub tls_conn_conn: u32,
 }
 
 impl Default for GoOffsets {
@@ -356,6 +377,7 @@ impl Default for GoOffsets {
             grpc_http2_client_conn: GO_OFFSET_UNKNOWN,
             grpc_status_s: GO_OFFSET_UNKNOWN,
             grpc_status_code: GO_OFFSET_UNKNOWN,
+            tls_conn_conn: GO_OFFSET_UNKNOWN,
         }
     }
 }
@@ -366,7 +388,10 @@ impl Default for GoOffsets {
 pub struct SockInfo {
     pub conn_id: u64,
     pub role: u8,
-    pub _pad: [u8; 3],
+    /// 1 once the socket is known to carry TLS whose plaintext the uprobes report: its
+    /// ciphertext is then not copied.
+    pub tls: u8,
+    pub _pad: [u8; 2],
     /// Sequence number of the next data record of this socket.
     pub seq: u32,
 }

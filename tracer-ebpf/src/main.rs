@@ -9,6 +9,7 @@ mod grpc;
 mod native;
 mod process;
 mod syscalls;
+mod tls;
 mod util;
 
 #[cfg(not(test))]

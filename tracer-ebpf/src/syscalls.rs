@@ -28,7 +28,7 @@ use crate::util::{
 };
 
 /// What the saved pointer of an in-flight syscall points at.
-mod op {
+pub(crate) mod op {
     pub const BUF: u8 = 1;
     pub const IOVEC: u8 = 2;
     pub const MSGHDR: u8 = 3;
@@ -239,7 +239,8 @@ fn track_pipe(id: u64, fd: i32, ino: u64) {
     let info = SockInfo {
         conn_id,
         role: role::PIPE,
-        _pad: [0; 3],
+        tls: 0,
+        _pad: [0; 2],
         seq: 0,
     };
     if SOCKETS.insert(&sock_key(tgid, fd), &info, 0).is_err() {
@@ -266,7 +267,7 @@ fn save(id: u64, inflight: &Inflight) {
 }
 
 #[inline(always)]
-fn inflight(op: u8, dir: u8, fd: i32, ptr: u64, len: u64) -> Inflight {
+pub(crate) fn inflight(op: u8, dir: u8, fd: i32, ptr: u64, len: u64) -> Inflight {
     Inflight {
         op,
         direction: dir,
@@ -291,6 +292,10 @@ fn enter_data(regs: u64, op: u8, dir: u8, peek_flags_arg: Option<usize>, may_be_
     };
     let fd = read_regs_u64(regs, PT_REGS_ARGS[0]) as i32;
     if !is_followed(id, tgid, fd, may_be_pipe) {
+        return;
+    }
+    if crate::tls::ciphertext(id, tgid, fd, dir) {
+        // Its plaintext comes from the TLS library's uprobes.
         return;
     }
     if let Some(i) = peek_flags_arg
@@ -330,6 +335,23 @@ fn take_inflight() -> Option<(u64, Inflight)> {
 /// messages take a small part of the ring instead of a whole 4 KiB slot.
 #[inline(always)]
 fn emit_chunk(id: u64, saved: &Inflight, key: u64, src: u64, total: u64, chunk: u8, now: u64) {
+    emit_record(kind::DATA, id, saved, key, src, total, chunk, now);
+}
+
+/// [`emit_chunk`] for a record of `record_kind` (`kind::DATA`, or `kind::TLS_DATA` for
+/// plaintext from the TLS uprobes, which shares the socket's sequence numbers).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn emit_record(
+    record_kind: u8,
+    id: u64,
+    saved: &Inflight,
+    key: u64,
+    src: u64,
+    total: u64,
+    chunk: u8,
+    now: u64,
+) {
     // The sequence number advances before anything can fail, so a lost record shows as a
     // hole in the numbers user space sees.
     let (conn_id, seq, fd_role) = match SOCKETS.get_ptr_mut(&key) {
@@ -357,7 +379,7 @@ fn emit_chunk(id: u64, saved: &Inflight, key: u64, src: u64, total: u64, chunk: 
     // SAFETY: `ev` is this CPU's scratch slot of size_of::<DataEvent>(); nothing else runs on
     // this CPU while the program does.
     unsafe {
-        (*ev).kind = kind::DATA;
+        (*ev).kind = record_kind;
         (*ev).direction = saved.direction;
         (*ev).chunk = chunk;
         (*ev).role = fd_role;
@@ -445,6 +467,36 @@ fn emit_iovecs(id: u64, saved: &Inflight, key: u64, iov: u64, count: u64, moved:
     }
 }
 
+/// Copies `moved` bytes of one plain buffer as records of `record_kind`: head and tail when
+/// it is larger than MAX_CAPTURE, the middle counted, not copied.
+#[inline(always)]
+pub(crate) fn emit_buffer(
+    record_kind: u8,
+    id: u64,
+    saved: &Inflight,
+    key: u64,
+    ptr: u64,
+    moved: u64,
+    now: u64,
+) {
+    if moved > MAX_CAPTURE as u64 {
+        let head = moved - TAIL_CAPTURE as u64;
+        emit_record(record_kind, id, saved, key, ptr, head, 0, now);
+        emit_record(
+            record_kind,
+            id,
+            saved,
+            key,
+            ptr + head,
+            TAIL_CAPTURE as u64,
+            1,
+            now,
+        );
+    } else {
+        emit_record(record_kind, id, saved, key, ptr, moved, 0, now);
+    }
+}
+
 /// Exit of a data syscall: copy what it moved.
 #[inline(always)]
 fn exit_data(moved: i64) {
@@ -458,21 +510,7 @@ fn exit_data(moved: i64) {
     let now = unsafe { bpf_ktime_get_ns() };
     let key = sock_key((id >> 32) as u32, saved.fd);
     match saved.op {
-        op::BUF if moved > MAX_CAPTURE as u64 => {
-            // Head and tail: the middle of a large buffer is counted, not copied.
-            let head = moved - TAIL_CAPTURE as u64;
-            emit_chunk(id, &saved, key, saved.ptr, head, 0, now);
-            emit_chunk(
-                id,
-                &saved,
-                key,
-                saved.ptr + head,
-                TAIL_CAPTURE as u64,
-                1,
-                now,
-            );
-        }
-        op::BUF => emit_chunk(id, &saved, key, saved.ptr, moved, 0, now),
+        op::BUF => emit_buffer(kind::DATA, id, &saved, key, saved.ptr, moved, now),
         op::IOVEC => emit_iovecs(id, &saved, key, saved.ptr, saved.len, moved, now),
         op::MSGHDR => {
             // struct msghdr: msg_iov at 16, msg_iovlen at 24 (x86_64 and arm64 alike).
@@ -567,7 +605,8 @@ fn track(id: u64, fd: i32, sock_role: u8, event_kind: u8, peer: SockAddr) {
     let info = SockInfo {
         conn_id,
         role: sock_role,
-        _pad: [0; 3],
+        tls: 0,
+        _pad: [0; 2],
         seq: 0,
     };
     if SOCKETS.insert(&sock_key(tgid, fd), &info, 0).is_err() {

@@ -101,6 +101,11 @@ pub fn greenlets() -> bool {
 }
 
 #[inline(always)]
+pub fn tls() -> bool {
+    feature(tracer_common::feature::TLS)
+}
+
+#[inline(always)]
 pub fn follow_pipes() -> bool {
     feature(tracer_common::feature::FOLLOW_PIPES)
 }

@@ -26,6 +26,7 @@ use crate::{
         plugin_runtime, procfs,
         selection::Selection,
         self_sockets::SelfSockets,
+        tls_targets::{TlsTarget, TlsTargets},
     },
     export::{ExportConfig, Exporter},
     probes::{
@@ -221,6 +222,7 @@ pub struct Agent {
     own_sockets: SelfSockets,
     go: GoBinaries,
     native: NativeTargets,
+    tls: TlsTargets,
     exporter: Exporter,
     counters: AgentCounters,
     stream_events: Vec<StreamEvent>,
@@ -282,6 +284,19 @@ impl Agent {
             if verdict == PipeVerdict::Mute {
                 self.probes.mute_fd(key.tgid, key.fd, key.conn_id);
             }
+            return;
+        }
+        if chunk.tls {
+            self.conns.tls_data(
+                key,
+                ctx,
+                chunk.ingress,
+                chunk.captured,
+                chunk.total_len,
+                chunk.seq,
+                ts,
+                &mut self.stream_events,
+            );
             return;
         }
         self.conns.data(
@@ -379,6 +394,7 @@ impl Agent {
                 self.go.note_fork(proc_event.tgid, proc_event.parent_tgid);
                 self.native
                     .note_fork(proc_event.tgid, proc_event.parent_tgid);
+                self.tls.note_fork(proc_event.tgid, proc_event.parent_tgid);
             }
             kind::EXIT => {
                 let fds =
@@ -399,6 +415,7 @@ impl Agent {
                 self.procs.forget(proc_event.tgid);
                 self.go.forget_process(proc_event.tgid);
                 self.native.forget_process(proc_event.tgid);
+                self.tls.forget_process(proc_event.tgid);
             }
             _ => {}
         }
@@ -410,12 +427,33 @@ impl Agent {
         self.go.note_process(tgid);
         let targets = self.native.note_process(tgid, Instant::now());
         self.attach_native(targets, tgid);
+        let libs = self.tls.note_process(tgid, Instant::now());
+        self.attach_tls(libs);
     }
 
     /// Python processes that had not imported gevent yet are looked at again.
     pub fn rescan_native(&mut self) {
         let targets = self.native.rescan(Instant::now());
         self.attach_native(targets, 0);
+        let libs = self.tls.rescan(Instant::now());
+        self.attach_tls(libs);
+    }
+
+    fn attach_tls(&mut self, targets: Vec<TlsTarget>) {
+        for target in targets {
+            let hooked = match self.probes.attach_tls(&target.path) {
+                Some(Ok(attached)) => {
+                    info!(file = %target.path.display(), symbols = ?attached.symbols, missing = ?attached.missing, "OpenSSL uprobes attached (TLS plaintext)");
+                    true
+                }
+                Some(Err(err)) => {
+                    warn!(file = %target.path.display(), "attaching OpenSSL uprobes failed (its TLS traffic is not traced): {err:#}");
+                    false
+                }
+                None => false,
+            };
+            self.tls.settle(&target, hooked);
+        }
     }
 
     fn attach_native(&mut self, targets: Vec<NativeTarget>, tgid: u32) {
@@ -698,6 +736,18 @@ impl Agent {
                 .counters
                 .stats(k[counter::GRPC_NO_SOCKET as usize]),
         );
+        info!(
+            "tls_stats tls_libs={} tls_lib_failures={} tls_rescans={} tls_events={} tls_no_socket={} tls_ciphertext_skipped={} tls_conns={} tls_ciphertext_conns={} tls_ciphertext_chunks={}",
+            self.tls.counters.hooked,
+            self.tls.counters.failed,
+            self.tls.rescanned(),
+            k[counter::TLS_EVENTS as usize],
+            k[counter::TLS_NO_SOCKET as usize],
+            k[counter::TLS_CIPHERTEXT_SKIPPED as usize],
+            s.tls_conns,
+            s.tls_ciphertext_conns,
+            s.tls_ciphertext_chunks,
+        );
     }
 }
 
@@ -714,6 +764,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         go_uprobes: config.go_uprobes,
         greenlets: config.greenlets,
         nginx: config.nginx_uprobes,
+        tls: config.tls,
     };
     let mut probes = Probes::load(&kernel_selection)?;
     let mut own_sockets = SelfSockets::new();
@@ -735,6 +786,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         selection,
         go,
         native: NativeTargets::new(config.greenlets, config.nginx_uprobes),
+        tls: TlsTargets::new(config.tls),
         conns: ConnTable::new(),
         pipes: PipeTable::new(),
         builder: SpanBuilder::new(Clock::now()),

@@ -69,6 +69,10 @@ pub struct Cli {
     /// event loop makes unreliable under concurrency.
     #[arg(long)]
     pub no_nginx: bool,
+    /// No TLS plaintext capture (uprobes on OpenSSL's SSL_read/SSL_write and Go's
+    /// crypto/tls): HTTPS traffic is then not traced.
+    #[arg(long)]
+    pub no_tls: bool,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     pub log_level: String,

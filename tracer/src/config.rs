@@ -26,6 +26,8 @@ pub struct Config {
     pub greenlets: bool,
     /// Put uprobes on nginx.
     pub nginx_uprobes: bool,
+    /// Capture TLS plaintext (OpenSSL and Go crypto/tls uprobes).
+    pub tls: bool,
 }
 
 impl Config {
@@ -53,6 +55,7 @@ impl Config {
             go_uprobes: !cli.no_go,
             greenlets: !cli.no_greenlets,
             nginx_uprobes: !cli.no_nginx,
+            tls: !cli.no_tls,
         })
     }
 }

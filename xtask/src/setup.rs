@@ -21,7 +21,8 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: LLVM 22 and what linking bpf-linker against it needs, then the load
-/// generator, the reverse proxy and capsh used by benchmarks and end-to-end tests.
+/// generator, the reverse proxy, capsh and the `openssl` command (the TLS tests'
+/// self-signed certificate) used by benchmarks and end-to-end tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -31,6 +32,8 @@ const APT_PACKAGES: &[&str] = &[
     "nginx",
     // capsh, for tests/capabilities.rs
     "libcap2-bin",
+    // the TLS tests' self-signed certificate
+    "openssl",
 ];
 /// Pinned so a CI run tomorrow tests against the same servers as today.
 const PYTHON_PACKAGES: &[&str] = &[

@@ -8,3 +8,4 @@ pub mod plugin_runtime;
 pub mod procfs;
 pub mod selection;
 pub mod self_sockets;
+pub mod tls_targets;

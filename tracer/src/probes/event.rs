@@ -33,6 +33,8 @@ pub struct DataChunk<'a> {
     /// The goroutine that made the syscall, when the process is Go, or the greenlet marked
     /// with `GREENLET_MARK` (else meaningless).
     pub goroutine: u64,
+    /// TLS plaintext from the TLS uprobes (`kind::TLS_DATA`), not the socket's own bytes.
+    pub tls: bool,
 }
 
 /// A Go uprobe's report (see `tracer_common::go_op`).
@@ -89,7 +91,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         return Err(DecodeError::Empty);
     };
     match record_kind {
-        kind::DATA => {
+        kind::DATA | kind::TLS_DATA => {
             let header = size_of::<DataEvent>() - MAX_CAPTURE;
             if bytes.len() < header {
                 return Err(DecodeError::Short {
@@ -120,6 +122,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 seq: u32_at(OFF_SEQ),
                 pipe: bytes[OFF_ROLE] == tracer_common::role::PIPE,
                 goroutine: u64_at(OFF_GOROUTINE),
+                tls: record_kind == kind::TLS_DATA,
             }))
         }
         kind::CONNECT | kind::ACCEPT | kind::CLOSE | kind::PIPE | kind::OWN_CONNECT => {

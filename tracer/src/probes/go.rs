@@ -21,7 +21,7 @@ use crate::discover::gobin::{Field, GoBinary};
 const GRPC_FD: [Field; 3] = [Field::NetConnFd, Field::NetFdPfd, Field::PollFdSysfd];
 
 /// Functions hooked, with the program at their entry and the one at their RETs.
-pub const HOOKS: [Hook; 8] = [
+pub const HOOKS: [Hook; 10] = [
     Hook {
         function: "net/http.serverHandler.ServeHTTP",
         entry: "go_serve_enter",
@@ -112,7 +112,25 @@ pub const HOOKS: [Hook; 8] = [
             GRPC_FD[2],
         ],
     },
+    // crypto/tls plaintext (see tracer-ebpf/src/tls.rs). `Conn.conn` from DWARF only.
+    Hook {
+        function: "crypto/tls.(*Conn).Write",
+        entry: "go_tls_write_enter",
+        ret: None,
+        needs: &[Field::TlsConnConn, GRPC_FD[0], GRPC_FD[1], GRPC_FD[2]],
+    },
+    Hook {
+        function: "crypto/tls.(*Conn).Read",
+        entry: "go_tls_read_enter",
+        ret: Some("go_tls_read_ret"),
+        needs: &[Field::TlsConnConn, GRPC_FD[0], GRPC_FD[1], GRPC_FD[2]],
+    },
 ];
+
+/// Whether a hook belongs to TLS capture (left off with `--no-tls`).
+fn is_tls_hook(hook: &Hook) -> bool {
+    hook.entry.starts_with("go_tls_")
+}
 
 /// One hooked function.
 #[derive(Debug, Clone, Copy)]
@@ -134,6 +152,8 @@ pub struct GoAttacher {
     offsets: Array<MapData, GoOffsets>,
     next_id: u32,
     loaded: bool,
+    /// Attach the crypto/tls hooks.
+    tls: bool,
 }
 
 /// What was attached to one binary.
@@ -151,14 +171,21 @@ impl GoAttacher {
             offsets,
             next_id: 0,
             loaded: false,
+            tls: true,
         })
+    }
+
+    /// With `false`, the crypto/tls hooks are not attached.
+    pub fn with_tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
     }
 
     fn load_programs(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
         if self.loaded {
             return Ok(());
         }
-        for hook in HOOKS {
+        for hook in HOOKS.iter().filter(|h| self.tls || !is_tls_hook(h)) {
             for prog in std::iter::once(hook.entry).chain(hook.ret) {
                 let program: &mut UProbe = ebpf
                     .program_mut(prog)
@@ -192,7 +219,7 @@ impl GoAttacher {
             .context("writing the binary's offsets")?;
         self.next_id += 1;
         let mut attached = Attached::default();
-        for hook in HOOKS {
+        for hook in HOOKS.iter().filter(|h| self.tls || !is_tls_hook(h)) {
             let Some(func) = binary.funcs.get(hook.function) else {
                 attached
                     .skipped
@@ -302,6 +329,7 @@ pub fn kernel_offsets(binary: &GoBinary) -> GoOffsets {
         grpc_http2_client_conn: get(Field::GrpcHttp2ClientConn),
         grpc_status_s: get(Field::GrpcStatusS),
         grpc_status_code: get(Field::GrpcStatusCode),
+        tls_conn_conn: get(Field::TlsConnConn),
     }
 }
 

@@ -5,6 +5,7 @@ pub mod event;
 pub mod go;
 pub mod native;
 pub mod privileges;
+pub mod tls;
 pub mod tracefs;
 
 use std::os::fd::AsRawFd as _;
@@ -47,6 +48,8 @@ pub struct KernelSelection {
     pub greenlets: bool,
     /// nginx upstream uprobes.
     pub nginx: bool,
+    /// TLS plaintext uprobes (OpenSSL, Go crypto/tls).
+    pub tls: bool,
 }
 
 /// The kernel struct offsets for walking an fd to its inode (pipes) and to its socket's
@@ -81,6 +84,8 @@ pub struct Probes {
     go: Option<go::GoAttacher>,
     native: native::NativeAttacher,
     native_kinds: Vec<native::NativeKind>,
+    /// None when TLS capture is off.
+    tls: Option<tls::TlsAttacher>,
     ring: Option<RingBuf<MapData>>,
     watched: BpfHashMap<MapData, u32, u8>,
     sockets: BpfHashMap<MapData, u64, SockInfo>,
@@ -119,6 +124,9 @@ impl Probes {
         }
         if selection.greenlets {
             features |= tracer_common::feature::GREENLETS;
+        }
+        if selection.tls {
+            features |= tracer_common::feature::TLS;
         }
         let walk = walk.unwrap_or_default();
         let sock = sock.unwrap_or_default();
@@ -169,7 +177,7 @@ impl Probes {
             "eBPF programs attached"
         );
         let go = if selection.go_uprobes {
-            Some(go::GoAttacher::new(&mut ebpf)?)
+            Some(go::GoAttacher::new(&mut ebpf)?.with_tls(selection.tls))
         } else {
             None
         };
@@ -185,6 +193,7 @@ impl Probes {
             go,
             native: native::NativeAttacher::default(),
             native_kinds,
+            tls: selection.tls.then(tls::TlsAttacher::default),
             ring: Some(ring),
             watched,
             sockets,
@@ -222,6 +231,15 @@ impl Probes {
         Some(self.native.attach(&mut self.ebpf, kind, target))
     }
 
+    /// Attaches the OpenSSL hooks to the libssl at `target`; None when TLS capture is off.
+    pub fn attach_tls(
+        &mut self,
+        target: &std::path::Path,
+    ) -> Option<anyhow::Result<tls::AttachedSsl>> {
+        let tls = self.tls.as_mut()?;
+        Some(tls.attach(&mut self.ebpf, target))
+    }
+
     pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
         self.ring.take()
     }
@@ -238,7 +256,8 @@ impl Probes {
         let info = SockInfo {
             conn_id,
             role: tracer_common::role::UNKNOWN,
-            _pad: [0; 3],
+            tls: 0,
+            _pad: [0; 2],
             seq: 0,
         };
         if let Err(err) = self.sockets.insert(&sock_key(tgid, fd), &info, 0) {

@@ -25,6 +25,18 @@ pub enum Role {
     Server,
 }
 
+/// What is known about TLS on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tls {
+    /// Nothing says it carries TLS.
+    #[default]
+    No,
+    /// Its socket bytes are TLS records (seen before any plaintext): they are not parsed.
+    Ciphertext,
+    /// The TLS uprobes report its plaintext, which is what is parsed.
+    Plaintext,
+}
+
 /// How many recent chunks per direction remember their thread.
 const CTX_HISTORY: usize = 16;
 
@@ -50,6 +62,9 @@ pub struct Conn {
     pub h1_seen: bool,
     /// Set once the connection speaks HTTP/2; the HTTP/1 parsers are then unused.
     pub h2: Option<Box<Http2Conn>>,
+    pub tls: Tls,
+    /// Never parsed (the agent's own connection, see `ConnTable::ignore`).
+    pub ignored: bool,
     requests: Http1Parser,
     responses: Http1Parser,
     /// (exit timestamp, ctx) of recent chunks per direction: [requests, responses].
@@ -78,11 +93,25 @@ impl Conn {
             seen_data: false,
             h1_seen: false,
             h2: None,
+            tls: Tls::No,
+            ignored: false,
             requests: Http1Parser::new(Side::Request),
             responses: Http1Parser::new(Side::Response),
             ctxs: [[(0, 0); CTX_HISTORY]; 2],
             ctx_next: [0; 2],
         }
+    }
+
+    /// The first plaintext of a TLS connection: whatever its socket bytes made of the parsers
+    /// is dropped, and the plaintext is parsed from a clean start (HTTP/2 detection
+    /// included). Identity, role and sequence numbers stay.
+    pub fn start_plaintext(&mut self) {
+        let mut fresh = Conn::new(self.role, self.peer, self.last_seen_ns);
+        fresh.local = self.local;
+        fresh.next_seq = self.next_seq;
+        fresh.mid_stream = self.mid_stream;
+        fresh.tls = Tls::Plaintext;
+        *self = fresh;
     }
 
     /// The flow of a chunk in the given direction, once the role is known.
@@ -238,6 +267,18 @@ fn looks_like_http1(b: &[u8]) -> bool {
     b.starts_with(b"HTTP/1.") || looks_like_request(b)
 }
 
+/// Whether `b` starts with a TLS record header: content type change_cipher_spec (20), alert
+/// (21), handshake (22) or application data (23), version 3.x (SSL 3.0 to TLS 1.3's legacy
+/// 3.3), and a length within a record's limit (2^14 plus expansion). No HTTP/1 or HTTP/2
+/// stream starts like that.
+pub fn looks_like_tls_record(b: &[u8]) -> bool {
+    if b.len() < 5 {
+        return false;
+    }
+    let len = u16::from_be_bytes([b[3], b[4]]);
+    (20..=23).contains(&b[0]) && b[1] == 3 && b[2] <= 4 && len > 0 && len <= 16384 + 2048
+}
+
 /// Guess the role of a connection from its first bytes: a request line marks the sender as
 /// the client, a status line marks it as the server.
 pub fn infer_role(first: &[u8], ingress: bool) -> Option<Role> {
@@ -284,5 +325,23 @@ mod tests {
             Some(Role::Server)
         );
         assert_eq!(infer_role(b"\x16\x03\x01", true), None);
+    }
+
+    #[test]
+    fn tls_records_are_recognised() {
+        // A ClientHello's record header, an application data record, an alert.
+        assert!(looks_like_tls_record(
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc"
+        ));
+        assert!(looks_like_tls_record(b"\x17\x03\x03\x00\x45rest"));
+        assert!(looks_like_tls_record(b"\x15\x03\x03\x00\x02\x01\x00"));
+        assert!(!looks_like_tls_record(b"GET / HTTP/1.1\r\n"));
+        assert!(!looks_like_tls_record(b"PRI * HTTP/2.0\r\n"));
+        // An HTTP/2 SETTINGS frame header, a too long record, a short chunk.
+        assert!(!looks_like_tls_record(
+            b"\x00\x00\x12\x04\x00\x00\x00\x00\x00"
+        ));
+        assert!(!looks_like_tls_record(b"\x17\x03\x03\xff\xff"));
+        assert!(!looks_like_tls_record(b"\x16\x03"));
     }
 }

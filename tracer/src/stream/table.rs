@@ -5,7 +5,9 @@ use std::{collections::HashMap, net::SocketAddr};
 use tracing::debug;
 
 use super::ExecCtx;
-use super::conn::{Conn, ConnKey, Flow, Role, detect_http2, infer_role};
+use super::conn::{
+    Conn, ConnKey, Flow, Role, Tls, detect_http2, infer_role, looks_like_tls_record,
+};
 use crate::protocol::{
     http1::{ChunkTs, Http1Event, Http1Message, StartLine},
     http2::{Direction, HeaderBlock, HeadersKind, Http2Conn, Http2Event, Http2Stream},
@@ -54,6 +56,9 @@ pub enum StreamEvent {
         peer: Option<SocketAddr>,
         stream: Box<Http2Stream>,
     },
+    /// The connection carries TLS and its plaintext is captured from now on: its spans say
+    /// `tls=true`. Sent once per connection, before any message parsed from the plaintext.
+    Tls { key: ConnKey },
     /// A JSON line on a pipe (plugin stdio). `ingress`: the process read it.
     Stdio {
         key: ConnKey,
@@ -79,6 +84,22 @@ pub struct StreamCounters {
     pub h2_errors: u64,
     /// Data records the kernel side could not deliver, from sequence-number holes.
     pub lost_records: u64,
+    /// Connections whose TLS plaintext is parsed.
+    pub tls_conns: u64,
+    /// Connections whose socket bytes were recognised as TLS records.
+    pub tls_ciphertext_conns: u64,
+    /// Socket chunks of TLS connections dropped unparsed (handshake, records before the
+    /// kernel side knew the socket).
+    pub tls_ciphertext_chunks: u64,
+}
+
+/// Where a chunk's bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The socket's own bytes (syscalls).
+    Socket,
+    /// Plaintext from the TLS uprobes.
+    TlsPlaintext,
 }
 
 #[derive(Default)]
@@ -160,6 +181,7 @@ impl ConnTable {
         self.open(key, None, None, ts_ns, out);
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.not_http = true;
+            conn.ignored = true;
         }
     }
 
@@ -176,6 +198,54 @@ impl ConnTable {
         ts: ChunkTs,
         out: &mut Vec<StreamEvent>,
     ) {
+        let chunk = Chunk {
+            key,
+            ctx,
+            ingress,
+            captured,
+            total_len,
+            seq,
+            ts,
+        };
+        self.chunk(Source::Socket, chunk, out);
+    }
+
+    /// A chunk of TLS plaintext of a connection (from the TLS uprobes; `seq` is the
+    /// socket's).
+    #[allow(clippy::too_many_arguments)]
+    pub fn tls_data(
+        &mut self,
+        key: ConnKey,
+        ctx: ExecCtx,
+        ingress: bool,
+        captured: &[u8],
+        total_len: u64,
+        seq: u32,
+        ts: ChunkTs,
+        out: &mut Vec<StreamEvent>,
+    ) {
+        let chunk = Chunk {
+            key,
+            ctx,
+            ingress,
+            captured,
+            total_len,
+            seq,
+            ts,
+        };
+        self.chunk(Source::TlsPlaintext, chunk, out);
+    }
+
+    fn chunk(&mut self, source: Source, chunk: Chunk<'_>, out: &mut Vec<StreamEvent>) {
+        let Chunk {
+            key,
+            ctx,
+            ingress,
+            captured,
+            total_len,
+            seq,
+            ts,
+        } = chunk;
         self.counters.chunks += 1;
         let implicit = !self.conns.contains_key(&key);
         if implicit {
@@ -208,6 +278,12 @@ impl ConnTable {
                 ts_ns: ts.enter_ns,
             });
         }
+        if !self.tls_admits(source, key, captured, out) {
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
         // HTTP/2 is recognised from a connection's first bytes, or, for one in use before we
         // saw it, from any chunk until it has shown HTTP/1.
         if conn.h2.is_none()
@@ -265,6 +341,47 @@ impl ConnTable {
             emit(&mut self.counters, key, conn, flow, event, out);
         }
         self.scratch = events;
+    }
+
+    /// Whether a chunk goes to the parsers, as far as TLS decides: a TLS connection's socket
+    /// bytes never do (its first ones are recognised as TLS records); its first plaintext
+    /// restarts the parsers on the plaintext.
+    fn tls_admits(
+        &mut self,
+        source: Source,
+        key: ConnKey,
+        captured: &[u8],
+        out: &mut Vec<StreamEvent>,
+    ) -> bool {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return false;
+        };
+        match (source, conn.tls) {
+            (Source::Socket, Tls::Ciphertext | Tls::Plaintext) => {
+                self.counters.tls_ciphertext_chunks += 1;
+                false
+            }
+            (Source::Socket, Tls::No) => {
+                // Only before the connection showed HTTP: a body may hold anything.
+                let fresh = !conn.h1_seen && conn.h2.is_none();
+                if fresh && looks_like_tls_record(captured) {
+                    conn.tls = Tls::Ciphertext;
+                    self.counters.tls_ciphertext_conns += 1;
+                    self.counters.tls_ciphertext_chunks += 1;
+                    return false;
+                }
+                true
+            }
+            (Source::TlsPlaintext, _) if conn.ignored => false,
+            (Source::TlsPlaintext, Tls::Plaintext) => true,
+            (Source::TlsPlaintext, Tls::No | Tls::Ciphertext) => {
+                // What the parsers held came from ciphertext (or nothing): it ends unreported.
+                conn.start_plaintext();
+                self.counters.tls_conns += 1;
+                out.push(StreamEvent::Tls { key });
+                true
+            }
+        }
     }
 
     /// The process closed the fd.
@@ -361,6 +478,17 @@ impl ConnTable {
         );
         out.push(StreamEvent::Closed { key, ts_ns });
     }
+}
+
+/// One chunk of bytes as the table takes it.
+struct Chunk<'a> {
+    key: ConnKey,
+    ctx: ExecCtx,
+    ingress: bool,
+    captured: &'a [u8],
+    total_len: u64,
+    seq: u32,
+    ts: ChunkTs,
 }
 
 /// One chunk of an HTTP/2 connection through its parser.

@@ -150,6 +150,8 @@ pub enum Field {
     GrpcStatusS,
     /// `google.golang.org/genproto/googleapis/rpc/status.Status.Code` (int32).
     GrpcStatusCode,
+    /// `crypto/tls.Conn.conn` (net.Conn), the connection under TLS.
+    TlsConnConn,
 }
 
 impl Field {
@@ -169,7 +171,7 @@ impl Field {
 
     /// Fields read from DWARF only: no table covers them (their layouts vary with the
     /// module's version), so a stripped binary leaves the hooks that need them off.
-    pub const DWARF_ONLY: [Field; 11] = [
+    pub const DWARF_ONLY: [Field; 12] = [
         Field::GrpcServerStreamStream,
         Field::GrpcServerStreamStreamPtr,
         Field::GrpcClientStreamStream,
@@ -181,6 +183,7 @@ impl Field {
         Field::GrpcHttp2ClientConn,
         Field::GrpcStatusS,
         Field::GrpcStatusCode,
+        Field::TlsConnConn,
     ];
 
     /// Every field: the table's, then the DWARF-only ones.
@@ -230,6 +233,7 @@ impl Field {
                 "google.golang.org/genproto/googleapis/rpc/status.Status",
                 "Code",
             ),
+            Field::TlsConnConn => ("crypto/tls.Conn", "conn"),
         }
     }
 
@@ -262,6 +266,8 @@ impl Field {
         match self {
             Field::GinContextFullPath => Some("github.com/gin-gonic/gin"),
             Field::GrpcStatusCode => Some("google.golang.org/genproto/googleapis/rpc"),
+            // Standard library, but not in the table (TLS hooks are DWARF-only).
+            Field::TlsConnConn => None,
             f if !f.in_table() => Some("google.golang.org/grpc"),
             _ => None,
         }

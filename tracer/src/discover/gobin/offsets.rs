@@ -703,12 +703,12 @@ pub(super) mod tests {
     fn missing_lists_reasons_for_needed_fields_only() {
         let o = GoOffsets::default();
         let missing = o.missing(&info("go1.18.10", None));
-        assert_eq!(missing.len(), Field::ALL.len() - 1, "gin is not needed");
-        assert!(
-            missing
-                .iter()
-                .all(|m| matches!(m.reason, MissingReason::GoNotInTable { .. }))
-        );
+        // The table's fields but gin's, and the standard library's DWARF-only one.
+        assert_eq!(missing.len(), Field::ALL.len(), "gin is not needed");
+        assert!(missing.iter().all(|m| {
+            matches!(m.reason, MissingReason::GoNotInTable { .. })
+                || (m.field == Field::TlsConnConn && m.reason == MissingReason::DwarfOnly)
+        }));
         let missing = o.missing(&info("go1.21.13", Some("v1.6.3")));
         assert!(missing.iter().any(|m| m.field == Field::GinContextFullPath));
     }
@@ -738,12 +738,14 @@ pub(super) mod tests {
                 .iter()
                 .any(|m| m.field == Field::GrpcStreamId && m.reason == MissingReason::DwarfOnly)
         );
+        // Without grpc, no grpc field is missing (the standard library's crypto/tls one is
+        // wanted by every binary).
         let plain = info("go1.21.13", None);
         assert!(
             resolve_with(&BTreeMap::new(), &plain, &t)
                 .missing(&plain)
                 .iter()
-                .all(|m| m.field.in_table())
+                .all(|m| m.field.in_table() || m.field.module().is_none())
         );
         // Never written to or read from the table.
         let m = Measurement {
@@ -909,12 +911,23 @@ pub(super) mod tests {
         let with_dwarf = resolve(&bytes, &probe.info);
         let stripped = std::fs::read(&probe.stripped).expect("read stripped probe");
         let without = resolve(&stripped, &probe.info);
-        assert_eq!(with_dwarf.fields.len(), Field::ALL.len());
-        assert_eq!(with_dwarf.fields, without.fields);
+        // The table's fields, plus crypto/tls.Conn.conn (DWARF only, the struct's first
+        // field), which the stripped build lacks.
+        assert_eq!(with_dwarf.fields.len(), Field::ALL.len() + 1);
+        assert_eq!(with_dwarf.get(Field::TlsConnConn), Some(0));
+        let mut in_table = with_dwarf.fields.clone();
+        in_table.remove(&Field::TlsConnConn);
+        assert_eq!(in_table, without.fields);
         let all = |o: &GoOffsets, s: OffsetsSource| o.sources.values().all(|x| *x == s);
         assert!(all(&with_dwarf, OffsetsSource::Dwarf));
         assert!(all(&without, OffsetsSource::Table));
-        assert_eq!(without.missing(&probe.info), []);
+        assert_eq!(
+            without.missing(&probe.info),
+            [Missing {
+                field: Field::TlsConnConn,
+                reason: MissingReason::DwarfOnly
+            }]
+        );
     }
 
     /// xtask/go-offsets-probe built by the machine's Go, with DWARF and stripped.

@@ -7,7 +7,7 @@
 //! invocation being served (see `plugin`).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
     sync::Arc,
 };
@@ -127,6 +127,8 @@ pub struct SpanBuilder {
     pub context: TraceContext,
     pub late: LateBinding,
     pub grpc: grpc_go::GrpcGo,
+    /// Connections whose spans come from TLS plaintext (`tls=true`).
+    tls_conns: HashSet<ConnKey>,
 }
 
 impl SpanBuilder {
@@ -211,6 +213,10 @@ impl SpanBuilder {
                 self.on_closed(key, ts_ns, Outcome::ConnectionClosed, resources, out);
                 self.ends.forget(key);
                 self.grpc.closed(key);
+                self.tls_conns.remove(&key);
+            }
+            StreamEvent::Tls { key } => {
+                self.tls_conns.insert(key);
             }
             StreamEvent::Lost { key, ts_ns } => {
                 self.on_closed(key, ts_ns, Outcome::CaptureLost, resources, out)
@@ -670,7 +676,8 @@ impl SpanBuilder {
         };
         let end_ns =
             response_end_ns(role, &stream.response.end.unwrap_or(stream.ended)).max(start_ns);
-        let (attributes, status) = h2_attrs::attributes(kind, stream, peer);
+        let (mut attributes, status) = h2_attrs::attributes(kind, stream, peer);
+        self.mark_tls(key, &mut attributes);
         let clock = self.clock();
         self.counters.spans += 1;
         FinishedSpan {
@@ -776,6 +783,7 @@ impl SpanBuilder {
                 AttrValue::Int(i64::try_from(ns).unwrap_or(i64::MAX)),
             ));
         }
+        self.mark_tls(key, &mut attributes);
         self.context
             .body(pending.ids.trace_id, &pending.request.body_prefix);
         if let Some(response) = outcome.response() {
@@ -800,8 +808,23 @@ impl SpanBuilder {
         }
     }
 
+    /// `tls=true` (and `url.scheme=https` where a scheme was set) on a span of a connection
+    /// whose plaintext came from the TLS uprobes.
+    fn mark_tls(&self, key: ConnKey, attributes: &mut Vec<(String, AttrValue)>) {
+        if !self.tls_conns.contains(&key) {
+            return;
+        }
+        for (k, v) in attributes.iter_mut() {
+            if k == "url.scheme" {
+                *v = AttrValue::Str("https".into());
+            }
+        }
+        attributes.push(("tls".into(), AttrValue::Bool(true)));
+    }
+
     /// Drops what belongs to an exited process that no Closed event covered.
     pub fn forget_process(&mut self, tgid: u32) {
+        self.tls_conns.retain(|k| k.tgid != tgid);
         self.active.retain(|(t, _), _| *t != tgid);
         self.pending.retain(|k, _| k.tgid != tgid);
         self.pending_h2.retain(|(k, _), _| k.tgid != tgid);
@@ -1004,6 +1027,29 @@ mod tests {
             let this = *seq;
             *seq += 1;
             self.conns.data(
+                key,
+                ctx,
+                ingress,
+                bytes,
+                bytes.len() as u64,
+                this,
+                ts,
+                &mut out,
+            );
+            self.pump(out);
+        }
+        /// Plaintext from the TLS uprobes (numbered with the socket's records).
+        fn io_tls(&mut self, key: ConnKey, ctx: u64, ingress: bool, bytes: &[u8]) {
+            self.now += 1_000;
+            let ts = ChunkTs {
+                enter_ns: self.now,
+                exit_ns: self.now + 10,
+            };
+            let mut out = Vec::new();
+            let seq = self.seqs.entry(key).or_default();
+            let this = *seq;
+            *seq += 1;
+            self.conns.tls_data(
                 key,
                 ctx,
                 ingress,
@@ -1486,5 +1532,82 @@ mod tests {
             w.spans[0].attr("http.request.body.size"),
             Some(&AttrValue::Int(3))
         );
+    }
+
+    /// A TLS connection: the handshake's records (socket bytes) make nothing and count no
+    /// parse error; the plaintext from the uprobes makes one span with `tls=true` and the
+    /// https scheme; a later ciphertext record (e.g. close_notify) is dropped too.
+    #[test]
+    fn tls_plaintext_makes_the_span_and_ciphertext_nothing() {
+        let mut w = World::new();
+        let key = ConnKey {
+            tgid: 10,
+            fd: 7,
+            conn_id: 9,
+        };
+        w.open(key, Role::Client);
+        // ClientHello record header (and a few bytes of it), then the server's answer.
+        w.io(
+            key,
+            11,
+            false,
+            b"\x16\x03\x01\x00\xf4\x01\x00\x00\xf0\x03\x03",
+        );
+        w.io(
+            key,
+            11,
+            true,
+            b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03",
+        );
+        w.io_tls(
+            key,
+            11,
+            false,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\n\r\n{}",
+        );
+        w.io_tls(
+            key,
+            11,
+            true,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        );
+        w.io(key, 11, true, b"\x15\x03\x03\x00\x1a\x00\x00");
+        w.close(key);
+        assert_eq!(w.spans.len(), 1, "{:?}", w.spans);
+        let span = &w.spans[0];
+        assert_eq!(span.kind, SpanKind::Client);
+        assert_eq!(span.attr("tls"), Some(&AttrValue::Bool(true)));
+        assert_eq!(
+            span.attr("url.scheme"),
+            Some(&AttrValue::Str("https".into()))
+        );
+        assert_eq!(
+            span.attr("http.response.body.size"),
+            Some(&AttrValue::Int(5))
+        );
+        assert_eq!(w.conns.counters.parse_errors, 0);
+        assert_eq!(w.conns.counters.tls_ciphertext_chunks, 3);
+        assert_eq!(w.conns.counters.tls_conns, 1);
+    }
+
+    /// A plain connection is not marked.
+    #[test]
+    fn plain_connections_have_no_tls_attribute() {
+        let mut w = World::new();
+        let key = ConnKey {
+            tgid: 10,
+            fd: 8,
+            conn_id: 1,
+        };
+        w.open(key, Role::Client);
+        w.io(key, 11, false, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        w.io(
+            key,
+            11,
+            true,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert_eq!(w.spans.len(), 1);
+        assert_eq!(w.spans[0].attr("tls"), None);
     }
 }
