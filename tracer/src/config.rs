@@ -26,6 +26,12 @@ pub struct Config {
     pub greenlets: bool,
     /// Put uprobes on nginx.
     pub nginx_uprobes: bool,
+    /// Serve Prometheus metrics here.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Seconds between OTLP metrics exports; 0 = none.
+    pub metrics_interval_secs: u64,
+    /// Most series per metric.
+    pub metrics_max_series: usize,
 }
 
 impl Config {
@@ -53,6 +59,9 @@ impl Config {
             go_uprobes: !cli.no_go,
             greenlets: !cli.no_greenlets,
             nginx_uprobes: !cli.no_nginx,
+            metrics_addr: cli.metrics_addr,
+            metrics_interval_secs: cli.metrics_interval,
+            metrics_max_series: cli.metrics_max_series,
         })
     }
 }
