@@ -427,28 +427,45 @@ fn red_metrics_service_graph_and_self_telemetry() -> Result<()> {
     Ok(())
 }
 
-/// OTLP metrics over http/protobuf (`/v1/metrics`) without a Prometheus endpoint.
+/// OTLP metrics over http/protobuf (`/v1/metrics`) without a Prometheus endpoint; only the
+/// front is traced, so its calls to the back are an edge to the back's address.
 #[test]
-fn otlp_http_metrics() -> Result<()> {
-    let Some(_e2e) = difytrace_tests::e2e("otlp_http_metrics") else {
+fn otlp_http_metrics_and_edges_to_untraced_peers() -> Result<()> {
+    let Some(_e2e) = difytrace_tests::e2e("otlp_http_metrics_and_edges_to_untraced_peers") else {
         return Ok(());
     };
     let stack = start_stack()?;
     let rx = OtlpReceiver::start()?;
-    let agent = Agent::start(&agent_args(
-        &stack,
-        &[
-            "--otlp-protocol".into(),
-            "http/protobuf".into(),
-            "--otlp-endpoint".into(),
-            rx.http_endpoint(),
-        ],
-    ))?;
+    let front_pid = stack.front.master_pid().to_string();
+    let agent = Agent::start(&[
+        "--pid",
+        &front_pid,
+        "--service-name",
+        &format!("pid:{front_pid}={}", stack.front_name),
+        "--metrics-interval",
+        "2",
+        "--otlp-protocol",
+        "http/protobuf",
+        "--otlp-endpoint",
+        &rx.http_endpoint(),
+    ])?;
     let mut sent = Vec::new();
-    for _ in 0..5 {
-        sent.push(get(stack.front.addr(), "/hello", &[])?);
+    for i in 0..5 {
+        sent.push(get(
+            stack.front.addr(),
+            if i < 3 { "/chain" } else { "/hello" },
+            &[],
+        )?);
     }
+    ensure!(sent.iter().all(|s| s.status == 200), "{sent:?}");
     let front = stack.front_name.as_str();
+    let peer = format!("127.0.0.1:{}", stack.back.port());
+    let edge = [
+        ("client", front),
+        ("server", peer.as_str()),
+        ("connection_type", "virtual_node"),
+    ];
+    // A lone CLIENT span waits 5 s for a partner, and is settled on the next 5 s tick.
     let points = rx
         .wait_for_points(
             |_| {
@@ -458,11 +475,26 @@ fn otlp_http_metrics() -> Result<()> {
                     "http.server.request.duration",
                     &[("http.request.method", "GET")],
                 ) == sent.len() as f64
+                    && otlp_total(
+                        &rx,
+                        "difytrace",
+                        "traces_service_graph_request_total",
+                        &edge,
+                    ) == 3.0
             },
             METRICS_WAIT,
         )
         .map_err(|e| agent.annotate(e))?;
     ensure!(points.iter().all(|p| p.transport == Transport::Http));
+    ensure!(
+        otlp_total(
+            &rx,
+            "difytrace",
+            "traces_service_graph_request_server_seconds",
+            &edge
+        ) == 0.0,
+        "a virtual edge has no server side"
+    );
     ensure!(rx.errors().is_empty(), "receiver errors: {:?}", rx.errors());
     Ok(())
 }

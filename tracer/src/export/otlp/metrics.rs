@@ -248,6 +248,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_unreachable_endpoint_counts_failed_exports() {
+        // Port 1 on loopback: nothing listens there, the connection is refused at once.
+        let sink = MetricsSink::new(
+            OtlpProtocol::HttpProtobuf,
+            "http://127.0.0.1:1/v1/metrics".into(),
+            "h".into(),
+        )
+        .expect("sink");
+        sink.send(Snapshot::default());
+        sink.shutdown(Instant::now() + Duration::from_secs(20));
+        let stats = sink.stats();
+        assert_eq!((stats.exports, stats.failed, stats.dropped), (0, 1, 0));
+        sink.send(Snapshot::default());
+        assert_eq!(
+            sink.stats().dropped,
+            1,
+            "a snapshot after shutdown is dropped"
+        );
+    }
+
+    #[test]
     fn endpoints() {
         let none = |_: &str| None;
         assert_eq!(
