@@ -647,6 +647,13 @@ impl Agent {
         let g = &self.builder.goroutines.counters;
         let tc = &self.builder.context.counters;
         let lb = &self.builder.late.counters;
+        // Map occupancy is counted off the loop; walking WATCHED here would stall the loop
+        // for every scrape and export. Before the first count, the map is walked once.
+        let maps = self.map_counts.get();
+        let watched = maps
+            .iter()
+            .find(|m| m.name == "WATCHED")
+            .map_or_else(|| self.probes.watched_len() as u64, |m| m.entries);
         let mut st = SelfStats::default();
         for (key, value) in [
             ("events", events),
@@ -678,7 +685,7 @@ impl Agent {
             ("no_response", b.no_response),
             ("cross_process_links", b.cross_process_links),
             ("h2_headerless", b.h2_headerless),
-            ("watched", self.probes.watched_len() as u64),
+            ("watched", watched),
             ("pipes", self.pipes.len() as u64),
             ("pipes_muted", p.muted),
             ("stdio_lines", p.lines),
@@ -762,7 +769,7 @@ impl Agent {
             st.push(key, value);
         }
         self.metrics.push_stats(&mut st);
-        st.maps = self.map_counts.get();
+        st.maps = maps;
         (st.rss_bytes, st.cpu_seconds) = self_telemetry::process_usage();
         st
     }
@@ -942,9 +949,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     agent.exporter.shutdown();
     agent.export_metrics();
     if let Some(sink) = &agent.metrics_sink {
-        tokio::task::block_in_place(|| {
-            sink.shutdown(std::time::Instant::now() + crate::export::SHUTDOWN_TIMEOUT)
-        });
+        let flush = || sink.shutdown(std::time::Instant::now() + crate::export::SHUTDOWN_TIMEOUT);
+        // The gRPC export of the last snapshot runs on this runtime: let it move this
+        // worker's other tasks elsewhere while we wait.
+        if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(flush);
+        } else {
+            flush();
+        }
     }
     drop(scrape_tx);
     Ok(())
