@@ -3,6 +3,9 @@
 //! [`ReceivedSpan`]s; tests wait on them with [`OtlpReceiver::wait_for`].
 //!
 //! It runs on its own tokio runtime so that tests can stay synchronous.
+//!
+//! It also receives OTLP metrics (gRPC `MetricsService/Export`, HTTP `POST /v1/metrics`),
+//! flattened into [`ReceivedPoint`]s.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,6 +16,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -20,6 +29,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use prost::Message as _;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tonic::codec::CompressionEncoding;
@@ -373,6 +383,8 @@ struct Store {
     errors: Mutex<Vec<String>>,
     grpc_requests: AtomicUsize,
     http_requests: AtomicUsize,
+    points: Mutex<Vec<ReceivedPoint>>,
+    metric_requests: AtomicUsize,
 }
 
 impl Store {
@@ -386,6 +398,15 @@ impl Store {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(spans);
+        self.changed.notify_all();
+    }
+
+    fn add_metrics(&self, req: &ExportMetricsServiceRequest, transport: Transport) {
+        self.metric_requests.fetch_add(1, Ordering::SeqCst);
+        self.points
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(flatten_metrics(req, transport));
         self.changed.notify_all();
     }
 
@@ -416,6 +437,135 @@ impl TraceService for GrpcCollector {
             partial_success: None,
         }))
     }
+}
+
+struct GrpcMetricsCollector {
+    store: Arc<Store>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for GrpcMetricsCollector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.store.add_metrics(request.get_ref(), Transport::Grpc);
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// metrics
+
+/// Path of the OTLP/HTTP metrics endpoint.
+pub const HTTP_METRICS_PATH: &str = "/v1/metrics";
+
+/// What kind of data point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointKind {
+    Sum,
+    Gauge,
+    Histogram,
+}
+
+/// One received data point, with its resource's service name and its metric.
+#[derive(Debug, Clone)]
+pub struct ReceivedPoint {
+    pub service: String,
+    pub metric: String,
+    pub unit: String,
+    pub kind: PointKind,
+    pub attrs: BTreeMap<String, AttrValue>,
+    /// Sum or gauge value; a histogram's count.
+    pub value: f64,
+    /// A histogram's sum.
+    pub sum: f64,
+    pub bucket_counts: Vec<u64>,
+    pub time_unix_nano: u64,
+    pub transport: Transport,
+}
+
+impl ReceivedPoint {
+    pub fn attr_str(&self, key: &str) -> Option<String> {
+        self.attrs.get(key).map(|v| v.to_string())
+    }
+}
+
+/// Flattens an export request into data points.
+pub fn flatten_metrics(
+    req: &ExportMetricsServiceRequest,
+    transport: Transport,
+) -> Vec<ReceivedPoint> {
+    let mut out = Vec::new();
+    for rm in &req.resource_metrics {
+        let resource = rm
+            .resource
+            .as_ref()
+            .map(|r| attr_map(&r.attributes))
+            .unwrap_or_default();
+        let service = resource
+            .get("service.name")
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        for sm in &rm.scope_metrics {
+            for m in &sm.metrics {
+                let point =
+                    |kind, attrs: &[KeyValue], value, sum, buckets: Vec<u64>, time| ReceivedPoint {
+                        service: service.clone(),
+                        metric: m.name.clone(),
+                        unit: m.unit.clone(),
+                        kind,
+                        attrs: attr_map(attrs),
+                        value,
+                        sum,
+                        bucket_counts: buckets,
+                        time_unix_nano: time,
+                        transport,
+                    };
+                let number = |v: &Option<number_data_point::Value>| match v {
+                    Some(number_data_point::Value::AsDouble(d)) => *d,
+                    Some(number_data_point::Value::AsInt(i)) => *i as f64,
+                    None => f64::NAN,
+                };
+                match &m.data {
+                    Some(metric::Data::Sum(d)) => out.extend(d.data_points.iter().map(|p| {
+                        point(
+                            PointKind::Sum,
+                            &p.attributes,
+                            number(&p.value),
+                            0.0,
+                            Vec::new(),
+                            p.time_unix_nano,
+                        )
+                    })),
+                    Some(metric::Data::Gauge(d)) => out.extend(d.data_points.iter().map(|p| {
+                        point(
+                            PointKind::Gauge,
+                            &p.attributes,
+                            number(&p.value),
+                            0.0,
+                            Vec::new(),
+                            p.time_unix_nano,
+                        )
+                    })),
+                    Some(metric::Data::Histogram(d)) => out.extend(d.data_points.iter().map(|p| {
+                        point(
+                            PointKind::Histogram,
+                            &p.attributes,
+                            p.count as f64,
+                            p.sum.unwrap_or(0.0),
+                            p.bucket_counts.clone(),
+                            p.time_unix_nano,
+                        )
+                    })),
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -523,9 +673,9 @@ async fn read_http_request<R: AsyncBufReadExt + Unpin>(
 /// Handles one OTLP/HTTP request: (status, content type, body).
 fn handle_http(req: &HttpRequest, store: &Store) -> (u16, &'static str, Vec<u8>) {
     let path = req.path.split('?').next().unwrap_or_default();
-    if req.method != "POST" || path != HTTP_TRACES_PATH {
+    if req.method != "POST" || (path != HTTP_TRACES_PATH && path != HTTP_METRICS_PATH) {
         store.error(format!(
-            "http: unexpected {} {} (only POST {HTTP_TRACES_PATH} is served)",
+            "http: unexpected {} {} (only POST {HTTP_TRACES_PATH} and {HTTP_METRICS_PATH} are served)",
             req.method, req.path
         ));
         return (404, "text/plain", b"not found".to_vec());
@@ -559,6 +709,23 @@ fn handle_http(req: &HttpRequest, store: &Store) -> (u16, &'static str, Vec<u8>)
             return (415, "text/plain", b"unsupported encoding".to_vec());
         }
     };
+    if path == HTTP_METRICS_PATH {
+        return match ExportMetricsServiceRequest::decode(&body[..]) {
+            Ok(export) => {
+                store.add_metrics(&export, Transport::Http);
+                let resp = ExportMetricsServiceResponse {
+                    partial_success: None,
+                };
+                (200, "application/x-protobuf", resp.encode_to_vec())
+            }
+            Err(e) => {
+                store.error(format!(
+                    "http: body is not an ExportMetricsServiceRequest: {e}"
+                ));
+                (400, "text/plain", b"bad protobuf".to_vec())
+            }
+        };
+    }
     match ExportTraceServiceRequest::decode(&body[..]) {
         Ok(export) => {
             store.add(&export, Transport::Http);
@@ -651,11 +818,17 @@ impl OtlpReceiver {
         })
         .accept_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(64 << 20);
+        let metrics_svc = MetricsServiceServer::new(GrpcMetricsCollector {
+            store: store.clone(),
+        })
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(64 << 20);
         let grpc_store = store.clone();
         rt.spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(grpc_l);
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(svc)
+                .add_service(metrics_svc)
                 .serve_with_incoming(incoming)
                 .await
             {
@@ -746,6 +919,62 @@ impl OtlpReceiver {
             self.store.grpc_requests.load(Ordering::SeqCst),
             self.store.http_requests.load(Ordering::SeqCst),
         )
+    }
+
+    /// Every metric data point received so far (each export adds a cumulative snapshot).
+    pub fn metric_points(&self) -> Vec<ReceivedPoint> {
+        self.store
+            .points
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Metrics export requests received (gRPC and HTTP).
+    pub fn metric_requests(&self) -> usize {
+        self.store.metric_requests.load(Ordering::SeqCst)
+    }
+
+    /// The points of the latest export that had any point matching `pred` (cumulative
+    /// values: the latest export holds the totals).
+    pub fn latest_points(&self, pred: impl Fn(&ReceivedPoint) -> bool) -> Vec<ReceivedPoint> {
+        let points = self.metric_points();
+        let Some(latest) = points
+            .iter()
+            .filter(|p| pred(p))
+            .map(|p| p.time_unix_nano)
+            .max()
+        else {
+            return Vec::new();
+        };
+        points
+            .into_iter()
+            .filter(|p| p.time_unix_nano == latest && pred(p))
+            .collect()
+    }
+
+    /// Waits until `pred` holds for the metric points received so far; returns them.
+    pub fn wait_for_points(
+        &self,
+        mut pred: impl FnMut(&[ReceivedPoint]) -> bool,
+        timeout: Duration,
+    ) -> Result<Vec<ReceivedPoint>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let points = self.metric_points();
+            if pred(&points) {
+                return Ok(points);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for metric points; {} points in {} requests; errors: {:?}",
+                    points.len(),
+                    self.metric_requests(),
+                    self.errors()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits until `pred` holds for the spans received so far; returns them.

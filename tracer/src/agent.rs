@@ -28,7 +28,16 @@ use crate::{
         self_sockets::SelfSockets,
         tls_targets::{TlsTarget, TlsTargets},
     },
-    export::{ExportConfig, Exporter},
+    export::{
+        ExportConfig, Exporter,
+        otlp::metrics::{MetricsSink, metrics_endpoint},
+    },
+    metrics::{
+        Snapshot, SpanMetrics,
+        maps::MapCounts,
+        self_telemetry::{self, SelfStats},
+        server,
+    },
     probes::{
         KernelSelection, Probes,
         event::{self, DataChunk, Event, GoRecord},
@@ -227,6 +236,9 @@ pub struct Agent {
     counters: AgentCounters,
     stream_events: Vec<StreamEvent>,
     spans: Vec<FinishedSpan>,
+    metrics: SpanMetrics,
+    map_counts: MapCounts,
+    metrics_sink: Option<MetricsSink>,
 }
 
 impl Agent {
@@ -608,8 +620,10 @@ impl Agent {
     }
 
     fn export_spans(&mut self) {
+        let now = Instant::now();
         for span in self.spans.drain(..) {
             self.counters.spans += 1;
+            self.metrics.record(&span, now);
             self.exporter.export(span);
         }
     }
@@ -647,15 +661,23 @@ impl Agent {
         self.builder
             .evict_idle(now, &mut self.procs, &mut self.spans);
         self.export_spans();
+        self.metrics.tick(Instant::now());
     }
 
     /// One line of self-statistics, in a stable `key=value` format (the bench parses it).
     pub fn log_stats(&self) {
+        info!("stats {}", self.self_stats().line());
+    }
+
+    /// Every counter of the agent, in the order of the stats line (new keys are appended, so
+    /// the line's existing prefix stays stable for the bench). The metrics endpoint and the
+    /// OTLP self-telemetry read the same snapshot.
+    pub fn self_stats(&self) -> SelfStats {
         let k = self.probes.counters();
         let export = self.exporter.stats();
-        let events = k[counter::DATA_EVENTS as usize] + k[counter::CONTROL_EVENTS as usize];
-        let dropped =
-            k[counter::DATA_RESERVE_FAILED as usize] + k[counter::CONTROL_RESERVE_FAILED as usize];
+        let kc = |c: u32| k[c as usize];
+        let events = kc(counter::DATA_EVENTS) + kc(counter::CONTROL_EVENTS);
+        let dropped = kc(counter::DATA_RESERVE_FAILED) + kc(counter::CONTROL_RESERVE_FAILED);
         let s = &self.conns.counters;
         let b = &self.builder.counters;
         let p = &self.pipes.counters;
@@ -663,91 +685,152 @@ impl Agent {
         let g = &self.builder.goroutines.counters;
         let tc = &self.builder.context.counters;
         let lb = &self.builder.late.counters;
-        info!(
-            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} h2_conns={} h2_streams={} h2_errors={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} cross_process_links={} h2_headerless={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={} go_binaries={} go_unhooked={} go_events={} go_dropped={} go_inflight_full={} go_spawns={} go_client_starts={} go_client_owned={} go_routes={} go_handler_starts={} go_handler_rebound={} go_evicted={} greenlet_libs={} greenlet_switches={} greenlet_rescans={} nginx_binaries={} nginx_events={} nginx_dropped={} native_failed={} trace_joined={} trace_not_joined={} dify_roots={} trace_facts={} trace_facts_evicted={} late_provisional={} late_resolved={} late_fallback={} late_bound={} late_held={} {}",
-            self.counters.spans,
-            export.spans_dropped,
-            k[counter::COPY_FAILED as usize],
-            k[counter::INFLIGHT_FULL as usize],
-            k[counter::SOCKET_MAP_FULL as usize],
-            k[counter::IOVEC_OVERFLOW as usize],
-            k[counter::FD_WALK_FAILED as usize],
-            k[counter::OTHER_FD_MAP_FULL as usize],
-            self.counters.records,
-            self.counters.decode_errors,
-            self.counters.own_connections,
-            s.chunks,
-            s.messages,
-            s.parse_errors,
-            s.not_http,
-            s.h2_conns,
-            s.h2_streams,
-            s.h2_errors,
-            s.lost_records,
-            self.conns.len(),
-            s.evicted,
-            self.builder.pending_len(),
-            self.builder.active_len(),
-            b.unmatched_responses,
-            b.no_response,
-            b.cross_process_links,
-            b.h2_headerless,
-            self.probes.watched_len(),
-            self.pipes.len(),
-            p.muted,
-            p.lines,
-            p.not_json_lines,
-            p.lost_records,
-            inv.invocations,
-            self.builder.plugins.open_len(),
-            inv.orphan_events,
-            inv.adopted,
-            self.go.counters.hooked,
-            self.go.counters.unhooked,
-            k[counter::GO_EVENTS as usize],
-            k[counter::GO_RESERVE_FAILED as usize],
-            k[counter::GO_INFLIGHT_FULL as usize],
-            g.spawns,
-            g.client_starts,
-            g.client_owned,
-            g.routes,
-            g.handler_starts,
-            g.handler_rebound,
-            g.evicted,
-            self.native.counters.greenlet_hooked,
-            k[counter::GREENLET_SWITCHES as usize],
-            self.native.rescanned(),
-            self.native.counters.nginx_hooked,
-            k[counter::NGINX_EVENTS as usize],
-            k[counter::NGINX_RESERVE_FAILED as usize],
-            self.native.counters.failed,
-            tc.joined,
-            tc.not_joined,
-            tc.dify_roots,
-            self.builder.context.len(),
-            tc.evicted,
-            lb.provisional,
-            lb.resolved,
-            lb.fallback,
-            lb.bound,
-            self.builder.late.held_len(),
-            self.builder
+        // Map occupancy is counted off the loop; walking WATCHED here would stall the loop
+        // for every scrape and export. Before the first count, the map is walked once.
+        let maps = self.map_counts.get();
+        let watched = maps
+            .iter()
+            .find(|m| m.name == "WATCHED")
+            .map_or_else(|| self.probes.watched_len() as u64, |m| m.entries);
+        let mut st = SelfStats::default();
+        for (key, value) in [
+            ("events", events),
+            ("dropped", dropped),
+            ("spans", self.counters.spans),
+            ("export_dropped", export.spans_dropped),
+            ("copy_failed", kc(counter::COPY_FAILED)),
+            ("inflight_full", kc(counter::INFLIGHT_FULL)),
+            ("socket_map_full", kc(counter::SOCKET_MAP_FULL)),
+            ("iovec_overflow", kc(counter::IOVEC_OVERFLOW)),
+            ("fd_walk_failed", kc(counter::FD_WALK_FAILED)),
+            ("other_fd_map_full", kc(counter::OTHER_FD_MAP_FULL)),
+            ("records", self.counters.records),
+            ("decode_errors", self.counters.decode_errors),
+            ("own_connections", self.counters.own_connections),
+            ("chunks", s.chunks),
+            ("messages", s.messages),
+            ("parse_errors", s.parse_errors),
+            ("not_http", s.not_http),
+            ("h2_conns", s.h2_conns),
+            ("h2_streams", s.h2_streams),
+            ("h2_errors", s.h2_errors),
+            ("lost_records", s.lost_records),
+            ("conns", self.conns.len() as u64),
+            ("conns_evicted", s.evicted),
+            ("pending", self.builder.pending_len() as u64),
+            ("active_threads", self.builder.active_len() as u64),
+            ("unmatched_responses", b.unmatched_responses),
+            ("no_response", b.no_response),
+            ("cross_process_links", b.cross_process_links),
+            ("h2_headerless", b.h2_headerless),
+            ("watched", watched),
+            ("pipes", self.pipes.len() as u64),
+            ("pipes_muted", p.muted),
+            ("stdio_lines", p.lines),
+            ("stdio_not_json", p.not_json_lines),
+            ("stdio_lost_records", p.lost_records),
+            ("plugin_invocations", inv.invocations),
+            ("plugin_open", self.builder.plugins.open_len() as u64),
+            ("plugin_orphan_events", inv.orphan_events),
+            ("plugin_adopted", inv.adopted),
+            ("go_binaries", self.go.counters.hooked),
+            ("go_unhooked", self.go.counters.unhooked),
+            ("go_events", kc(counter::GO_EVENTS)),
+            ("go_dropped", kc(counter::GO_RESERVE_FAILED)),
+            ("go_inflight_full", kc(counter::GO_INFLIGHT_FULL)),
+            ("go_spawns", g.spawns),
+            ("go_client_starts", g.client_starts),
+            ("go_client_owned", g.client_owned),
+            ("go_routes", g.routes),
+            ("go_handler_starts", g.handler_starts),
+            ("go_handler_rebound", g.handler_rebound),
+            ("go_evicted", g.evicted),
+            ("greenlet_libs", self.native.counters.greenlet_hooked),
+            ("greenlet_switches", kc(counter::GREENLET_SWITCHES)),
+            ("greenlet_rescans", self.native.rescanned() as u64),
+            ("nginx_binaries", self.native.counters.nginx_hooked),
+            ("nginx_events", kc(counter::NGINX_EVENTS)),
+            ("nginx_dropped", kc(counter::NGINX_RESERVE_FAILED)),
+            ("native_failed", self.native.counters.failed),
+            ("trace_joined", tc.joined),
+            ("trace_not_joined", tc.not_joined),
+            ("dify_roots", tc.dify_roots),
+            ("trace_facts", self.builder.context.len() as u64),
+            ("trace_facts_evicted", tc.evicted),
+            ("late_provisional", lb.provisional),
+            ("late_resolved", lb.resolved),
+            ("late_fallback", lb.fallback),
+            ("late_bound", lb.bound),
+            ("late_held", self.builder.late.held_len() as u64),
+        ] {
+            st.push(key, value);
+        }
+        st.push_line(
+            &self
+                .builder
                 .grpc
                 .counters
-                .stats(k[counter::GRPC_NO_SOCKET as usize]),
+                .stats(kc(counter::GRPC_NO_SOCKET)),
         );
-        info!(
-            "tls_stats tls_libs={} tls_lib_failures={} tls_rescans={} tls_events={} tls_no_socket={} tls_ciphertext_skipped={} tls_conns={} tls_ciphertext_conns={} tls_ciphertext_chunks={}",
-            self.tls.counters.hooked,
-            self.tls.counters.failed,
-            self.tls.rescanned(),
-            k[counter::TLS_EVENTS as usize],
-            k[counter::TLS_NO_SOCKET as usize],
-            k[counter::TLS_CIPHERTEXT_SKIPPED as usize],
-            s.tls_conns,
-            s.tls_ciphertext_conns,
-            s.tls_ciphertext_chunks,
-        );
+        let tree = &export.tree;
+        let metrics_export = self
+            .metrics_sink
+            .as_ref()
+            .map(MetricsSink::stats)
+            .unwrap_or_default();
+        for (key, value) in [
+            ("data_events", kc(counter::DATA_EVENTS)),
+            ("control_events", kc(counter::CONTROL_EVENTS)),
+            ("data_lost", kc(counter::DATA_RESERVE_FAILED)),
+            ("control_lost", kc(counter::CONTROL_RESERVE_FAILED)),
+            ("export_queue_full", export.spans_dropped_queue_full),
+            ("export_failed", export.spans_dropped_export_failed),
+            ("export_errors", export.export_errors),
+            ("otlp_sent", export.spans_sent_otlp),
+            ("otlp_queue", export.otlp_queue_len),
+            ("resources", export.resources),
+            ("console_written", export.spans_exported_console),
+            ("tree_traces_printed", tree.counters.traces_printed),
+            ("tree_single_span_traces", tree.counters.single_span_traces),
+            ("tree_evicted_full", tree.counters.evicted_full),
+            ("tree_evicted_no_root", tree.counters.evicted_no_root),
+            ("tree_spans_evicted", tree.counters.spans_evicted),
+            ("tree_flushed_at_stop", tree.counters.flushed_at_stop),
+            ("tree_late_spans", tree.counters.late_spans),
+            ("tree_traces_held", tree.traces_held),
+            ("tree_spans_held", tree.spans_held),
+            ("tree_lines_failed", tree.lines_failed),
+            ("metrics_exports", metrics_export.exports),
+            ("metrics_export_errors", metrics_export.failed),
+            ("metrics_dropped", metrics_export.dropped),
+            ("tls_libs", self.tls.counters.hooked),
+            ("tls_lib_failures", self.tls.counters.failed),
+            ("tls_rescans", self.tls.rescanned() as u64),
+            ("tls_events", kc(counter::TLS_EVENTS)),
+            ("tls_no_socket", kc(counter::TLS_NO_SOCKET)),
+            ("tls_ciphertext_skipped", kc(counter::TLS_CIPHERTEXT_SKIPPED)),
+            ("tls_conns", s.tls_conns),
+            ("tls_ciphertext_conns", s.tls_ciphertext_conns),
+            ("tls_ciphertext_chunks", s.tls_ciphertext_chunks),
+        ] {
+            st.push(key, value);
+        }
+        self.metrics.push_stats(&mut st);
+        st.maps = maps;
+        (st.rss_bytes, st.cpu_seconds) = self_telemetry::process_usage();
+        st
+    }
+
+    /// Metrics and self-telemetry, for a scrape or an OTLP export.
+    pub fn metrics_snapshot(&self) -> Snapshot {
+        self.metrics.snapshot(self.self_stats())
+    }
+
+    /// Hands a snapshot to the OTLP metrics exporter (never blocks).
+    fn export_metrics(&self) {
+        if let Some(sink) = &self.metrics_sink {
+            sink.send(self.metrics_snapshot());
+        }
     }
 }
 
@@ -780,6 +863,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })
     .context("setting up the exporters")?;
 
+    // The metrics endpoint is bound before anything runs, so a taken port fails the start.
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(
+            server::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics_sink = match metrics_endpoint(
+        config.otlp_protocol,
+        config.otlp_endpoint.as_deref(),
+        |name| std::env::var(name).ok(),
+    ) {
+        Some(endpoint) if config.metrics_interval_secs > 0 => {
+            let sink = MetricsSink::new(config.otlp_protocol, endpoint, host_name())
+                .context("cannot set up OTLP metrics export")?;
+            info!(
+                endpoint = sink.endpoint(),
+                interval_secs = config.metrics_interval_secs,
+                "exporting metrics over OTLP"
+            );
+            Some(sink)
+        }
+        _ => None,
+    };
+    let map_counts = MapCounts::start(probes.map_ids());
+
     let (go, mut go_inspected) = GoBinaries::start()?;
     let mut agent = Agent {
         probes,
@@ -796,7 +907,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         counters: AgentCounters::default(),
         stream_events: Vec::new(),
         spans: Vec::new(),
+        metrics: SpanMetrics::new(config.metrics_max_series),
+        map_counts,
+        metrics_sink,
     };
+    // Scrapes ask the loop for a snapshot; the sender lives as long as the loop even without
+    // an endpoint, so the receiving arm simply never fires then.
+    let (scrape_tx, mut scrapes) = tokio::sync::mpsc::channel(server::REQUEST_QUEUE);
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "serving Prometheus metrics at /metrics");
+        }
+        tokio::spawn(server::serve(listener, scrape_tx.clone()));
+    }
     let watched = agent.adopt_running_processes(trace_all);
     if trace_all {
         info!("tracing every process on this host");
@@ -824,6 +947,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let mut stats =
         tokio::time::interval_at(tokio::time::Instant::now() + stats_every, stats_every);
+    let metrics_every = match config.metrics_interval_secs {
+        0 => Duration::from_secs(u64::from(u32::MAX)),
+        secs => Duration::from_secs(secs),
+    };
+    let mut metrics_export =
+        tokio::time::interval_at(tokio::time::Instant::now() + metrics_every, metrics_every);
     // Both listeners live across loop passes so a signal arriving mid-batch is not lost.
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -853,6 +982,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = housekeeping.tick() => agent.tick(),
             _ = native_rescan.tick() => agent.rescan_native(),
             _ = stats.tick() => agent.log_stats(),
+            _ = metrics_export.tick() => agent.export_metrics(),
+            Some(reply) = scrapes.recv() => {
+                let _ = reply.send(agent.metrics_snapshot());
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
@@ -860,8 +993,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     agent.drain_ring(ring.get_mut());
     agent.flush_held();
     info!("shutting down");
+    agent.metrics.settle_all();
     agent.log_stats();
     agent.exporter.shutdown();
+    agent.export_metrics();
+    if let Some(sink) = &agent.metrics_sink {
+        let flush = || sink.shutdown(std::time::Instant::now() + crate::export::SHUTDOWN_TIMEOUT);
+        // The gRPC export of the last snapshot runs on this runtime: let it move this
+        // worker's other tasks elsewhere while we wait.
+        if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(flush);
+        } else {
+            flush();
+        }
+    }
+    drop(scrape_tx);
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// OTLP transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -76,4 +76,26 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// Serve Prometheus metrics (RED, service graph, self-telemetry) at http://ADDR/metrics,
+    /// e.g. 0.0.0.0:9464. Off by default.
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Seconds between OTLP metrics exports (to the OTLP endpoint); 0 disables them.
+    #[arg(long, default_value_t = 15)]
+    pub metrics_interval: u64,
+    /// Most series per metric; further attribute sets are folded into one series with
+    /// otel.metric.overflow=true.
+    #[arg(long, default_value_t = crate::metrics::store::DEFAULT_MAX_SERIES)]
+    pub metrics_max_series: usize,
+    /// Without a subcommand the agent runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands; running the agent is the default.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print what the kernel offers and what is missing for tracing, then exit (0 when
+    /// everything the agent needs is there).
+    Check,
 }

@@ -28,6 +28,12 @@ pub struct Config {
     pub nginx_uprobes: bool,
     /// Capture TLS plaintext (OpenSSL and Go crypto/tls uprobes).
     pub tls: bool,
+    /// Serve Prometheus metrics here.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Seconds between OTLP metrics exports; 0 = none.
+    pub metrics_interval_secs: u64,
+    /// Most series per metric.
+    pub metrics_max_series: usize,
 }
 
 impl Config {
@@ -56,6 +62,9 @@ impl Config {
             greenlets: !cli.no_greenlets,
             nginx_uprobes: !cli.no_nginx,
             tls: !cli.no_tls,
+            metrics_addr: cli.metrics_addr,
+            metrics_interval_secs: cli.metrics_interval,
+            metrics_max_series: cli.metrics_max_series,
         })
     }
 }

@@ -3,7 +3,11 @@
 use std::io::IsTerminal as _;
 
 use clap::Parser as _;
-use tracer::{agent, cli::Cli, config::Config};
+use tracer::{
+    agent, check,
+    cli::{Cli, Command},
+    config::Config,
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -15,6 +19,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some(Command::Check) = cli.command {
+        std::process::exit(check::run());
+    }
     let config = Config::from_cli(&cli)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -359,10 +359,6 @@ impl ConsoleSink {
     }
 
     /// Counters of the trace trees, as of the writer's last batch.
-    #[allow(
-        dead_code,
-        reason = "read by tests; not yet part of ExportStats or the agent's stats line"
-    )]
     pub(crate) fn tree_stats(&self) -> ConsoleTreeStats {
         let t = &self.tree;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);

@@ -50,6 +50,16 @@ pub struct ExportStats {
     pub resources: u64,
     /// Spans the OTLP backend accepted.
     pub spans_sent_otlp: u64,
+    /// Of `spans_dropped`: spans that found an OTLP queue full.
+    pub spans_dropped_queue_full: u64,
+    /// Of `spans_dropped`: spans of OTLP exports that failed.
+    pub spans_dropped_export_failed: u64,
+    /// OTLP exports (batches) that failed after the exporter's retries.
+    pub export_errors: u64,
+    /// Spans inside the OTLP batch queues now.
+    pub otlp_queue_len: u64,
+    /// What the console's trace trees did (zero without console output).
+    pub(crate) tree: console::ConsoleTreeStats,
 }
 
 /// Fans finished spans out to the console and/or OTLP.
@@ -110,13 +120,18 @@ impl Exporter {
         if let Some(console) = &self.console {
             stats.spans_exported_console = console.written();
             stats.spans_dropped += console.failed();
+            stats.tree = console.tree_stats();
         }
         if let Some(otlp) = &self.otlp {
-            let (queued, sent, dropped, resources) = otlp.counters();
-            stats.spans_queued_otlp = queued;
-            stats.spans_sent_otlp = sent;
-            stats.spans_dropped += dropped;
-            stats.resources = resources;
+            let c = otlp.counters();
+            stats.spans_queued_otlp = c.queued;
+            stats.spans_sent_otlp = c.sent;
+            stats.spans_dropped += c.dropped;
+            stats.resources = c.resources;
+            stats.spans_dropped_queue_full = c.queue_full;
+            stats.spans_dropped_export_failed = c.failed_spans;
+            stats.export_errors = c.failed_exports;
+            stats.otlp_queue_len = c.queued.saturating_sub(c.sent + c.failed_spans);
         }
         stats
     }

@@ -92,6 +92,8 @@ pub struct Probes {
     counters: PerCpuArray<MapData, u64>,
     /// `tracer_common::feature` bits the kernel side was loaded with.
     features: u32,
+    /// (name, kernel id) of every hash map, for counting their entries (self-telemetry).
+    map_ids: Vec<(String, u32)>,
 }
 
 /// Kernel counters summed over CPUs, indexed by `tracer_common::counter`.
@@ -167,6 +169,7 @@ impl Probes {
                 .insert(&comm_key(comm), &1, 0)
                 .with_context(|| format!("adding comm filter {comm}"))?;
         }
+        let map_ids = hash_map_ids(&ebpf);
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
         let watched = BpfHashMap::try_from(ebpf.take_map("WATCHED").context("map WATCHED")?)?;
         let sockets = BpfHashMap::try_from(ebpf.take_map("SOCKETS").context("map SOCKETS")?)?;
@@ -199,6 +202,7 @@ impl Probes {
             sockets,
             counters,
             features,
+            map_ids,
         })
     }
 
@@ -292,6 +296,11 @@ impl Probes {
         self.watched.keys().count()
     }
 
+    /// (name, kernel id) of every hash map of the object.
+    pub fn map_ids(&self) -> Vec<(String, u32)> {
+        self.map_ids.clone()
+    }
+
     pub fn counters(&self) -> KernelCounters {
         let mut out = [0u64; counter::COUNT as usize];
         for (index, slot) in out.iter_mut().enumerate() {
@@ -301,6 +310,18 @@ impl Probes {
         }
         out
     }
+}
+
+/// (name, id) of the object's hash maps (LRU or not), while they are all still in it.
+fn hash_map_ids(ebpf: &Ebpf) -> Vec<(String, u32)> {
+    ebpf.maps()
+        .filter_map(|(name, map)| match map {
+            aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => {
+                Some((name.to_string(), data.info().ok()?.id()))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str) -> anyhow::Result<()> {
@@ -355,22 +376,29 @@ fn bump_memlock_rlimit() {
     }
 }
 
+/// Oldest kernel supported (major, minor).
+pub const MIN_KERNEL: (u32, u32) = (6, 1);
+
+/// The running kernel's release string and its (major, minor).
+pub fn kernel_release() -> anyhow::Result<(String, (u32, u32))> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading /proc/sys/kernel/osrelease")?;
+    let release = release.trim().to_string();
+    let mut parts = release.split(['.', '-']);
+    let major: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((release, (major, minor)))
+}
+
 /// Fails with a clear message on kernels older than the supported floor.
 pub fn check_kernel() -> anyhow::Result<()> {
     if !cfg!(target_arch = "x86_64") {
         // The kernel side reads syscall arguments from x86_64 pt_regs and numbers.
         bail!("difytrace supports x86_64 only for now");
     }
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .context("reading /proc/sys/kernel/osrelease")?;
-    let mut parts = release.trim().split(['.', '-']);
-    let major: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let minor: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    if (major, minor) < (6, 1) {
-        bail!(
-            "kernel {} is too old: difytrace needs Linux >= 6.1",
-            release.trim()
-        );
+    let (release, (major, minor)) = kernel_release()?;
+    if (major, minor) < MIN_KERNEL {
+        bail!("kernel {release} is too old: difytrace needs Linux >= 6.1");
     }
     if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
         bail!(

@@ -17,6 +17,12 @@ pub(super) struct Shared {
     pub(super) sent: AtomicU64,
     pub(super) dropped: AtomicU64,
     pub(super) resources: AtomicU64,
+    /// Of `dropped`: spans that found a queue full.
+    pub(super) queue_full: AtomicU64,
+    /// Of `dropped`: spans of exports that failed after the exporter's retries.
+    pub(super) failed_spans: AtomicU64,
+    /// Exports (batches) that failed.
+    pub(super) failed_exports: AtomicU64,
     failing: AtomicBool,
     pub(super) export_warn: RateLimit,
     drop_warn: RateLimit,
@@ -29,6 +35,9 @@ impl Shared {
             sent: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             resources: AtomicU64::new(0),
+            queue_full: AtomicU64::new(0),
+            failed_spans: AtomicU64::new(0),
+            failed_exports: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             export_warn: RateLimit::new(WARN_INTERVAL),
             drop_warn: RateLimit::new(WARN_INTERVAL),
@@ -37,6 +46,10 @@ impl Shared {
 
     pub(super) fn drop_span(&self, why: &'static str) {
         let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        // The callers name the reason in words; both queues' reasons end the same way.
+        if why.ends_with("queue full") {
+            self.queue_full.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(suppressed) = self.drop_warn.check() {
             tracing::warn!(
                 reason = why,
@@ -58,6 +71,8 @@ impl Shared {
             Err(e) => {
                 // The exporter already retried with backoff: these spans are lost.
                 self.dropped.fetch_add(spans as u64, Ordering::Relaxed);
+                self.failed_spans.fetch_add(spans as u64, Ordering::Relaxed);
+                self.failed_exports.fetch_add(1, Ordering::Relaxed);
                 self.failing.store(true, Ordering::Relaxed);
                 if let Some(suppressed) = self.export_warn.check() {
                     tracing::warn!(

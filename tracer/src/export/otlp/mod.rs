@@ -17,6 +17,8 @@ mod convert;
 mod counters;
 mod dispatch;
 mod endpoint;
+pub mod metrics;
+mod metrics_encode;
 mod pipeline;
 #[cfg(test)]
 mod tests;
@@ -82,6 +84,27 @@ pub enum OtlpError {
     },
     #[error("a thread building the OTLP exporter panicked")]
     Panicked,
+    #[error("bad OTLP endpoint: {0}")]
+    Endpoint(String),
+}
+
+/// Span counters of the OTLP side, since start.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct OtlpCounters {
+    /// Spans accepted into a resource's batch queue.
+    pub(crate) queued: u64,
+    /// Spans the backend accepted.
+    pub(crate) sent: u64,
+    /// Spans lost, for any reason.
+    pub(crate) dropped: u64,
+    /// Resources with a live exporter now.
+    pub(crate) resources: u64,
+    /// Of `dropped`: a queue was full.
+    pub(crate) queue_full: u64,
+    /// Of `dropped`: their export failed.
+    pub(crate) failed_spans: u64,
+    /// Failed exports (batches).
+    pub(crate) failed_exports: u64,
 }
 
 /// The OTLP side of the exporter.
@@ -179,14 +202,18 @@ impl OtlpSink {
         }
     }
 
-    /// (queued, sent, dropped, resources)
-    pub(crate) fn counters(&self) -> (u64, u64, u64, u64) {
-        (
-            self.shared.queued.load(Ordering::Relaxed),
-            self.shared.sent.load(Ordering::Relaxed),
-            self.shared.dropped.load(Ordering::Relaxed),
-            self.shared.resources.load(Ordering::Relaxed),
-        )
+    pub(crate) fn counters(&self) -> OtlpCounters {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let s = &self.shared;
+        OtlpCounters {
+            queued: get(&s.queued),
+            sent: get(&s.sent),
+            dropped: get(&s.dropped),
+            resources: get(&s.resources),
+            queue_full: get(&s.queue_full),
+            failed_spans: get(&s.failed_spans),
+            failed_exports: get(&s.failed_exports),
+        }
     }
 
     /// Flushes every resource's queue and stops, returning by `deadline` at the latest.
