@@ -5,7 +5,8 @@
 //! bounding set, a capability cannot come back at the exec of the agent, so its effective
 //! set is exactly the chosen one (checked in /proc/<pid>/status). It traces gunicorn with a
 //! gevent worker: syscall tracepoints, the /proc scan, and the greenlet uprobe put on a
-//! library inside another process's mappings (a perf uprobe: CAP_SYS_ADMIN on this kernel).
+//! library inside another process's mappings (a `uprobe_multi` link, like every uprobe of
+//! the agent: no CAP_SYS_ADMIN, which perf uprobes need on Linux >= 6.16).
 //!
 //! Needs root, the release agent, capsh (Debian package libcap2-bin) and the Python venv.
 
@@ -30,8 +31,6 @@ const CAPABILITIES: &[&str] = &[
     "cap_sys_ptrace",
     "cap_dac_read_search",
 ];
-/// Added for the greenlet and nginx uprobes: perf uprobes need it on Linux >= 6.16.
-const NATIVE_UPROBES_CAPABILITY: &str = "cap_sys_admin";
 
 /// Every capability this kernel knows, by name, in number order.
 fn all_capabilities() -> Result<Vec<String>> {
@@ -197,8 +196,8 @@ fn ensure_no_permission_errors(agent: &Agent, keep: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The documented set with CAP_SYS_ADMIN for the native uprobes: everything works, the
-/// greenlet uprobe included, and no permission error is logged.
+/// The documented set: everything works, the greenlet uprobe included, and no permission
+/// error is logged.
 #[test]
 fn documented_set_traces_with_greenlet_uprobes() -> Result<()> {
     let test = "documented_set_traces_with_greenlet_uprobes";
@@ -209,8 +208,7 @@ fn documented_set_traces_with_greenlet_uprobes() -> Result<()> {
         return Ok(());
     }
     let all = all_capabilities()?;
-    let mut keep = CAPABILITIES.to_vec();
-    keep.push(NATIVE_UPROBES_CAPABILITY);
+    let keep = CAPABILITIES.to_vec();
     let (down, g) = gevent_app()?;
     let rx = OtlpReceiver::start()?;
     let mut agent = start_with(&all, &keep, &g, &rx, &[])?;
@@ -225,66 +223,17 @@ fn documented_set_traces_with_greenlet_uprobes() -> Result<()> {
             Duration::from_secs(60),
         )
         .context("the greenlet uprobe was not attached")?;
+    agent
+        .wait_stderr(
+            |log| log.lines().any(|l| l.contains("OpenSSL uprobes attached")),
+            Duration::from_secs(60),
+        )
+        .context("the OpenSSL uprobes were not attached")?;
     ensure_traced(&g, &down, &rx)?;
     agent.ensure_running()?;
     ensure_no_permission_errors(&agent, &keep)?;
     let status = agent.stop()?;
     ensure!(status.success(), "agent did not exit cleanly: {status}");
-    Ok(())
-}
-
-/// Without CAP_SYS_ADMIN: with the native uprobes turned off the agent runs cleanly; with
-/// them on it runs, says why the greenlet uprobe is missing, and still traces (linked by
-/// thread).
-#[test]
-fn without_sys_admin_only_native_uprobes_are_lost() -> Result<()> {
-    let test = "without_sys_admin_only_native_uprobes_are_lost";
-    let Some(_e2e) = difytrace_tests::e2e(test) else {
-        return Ok(());
-    };
-    if !capsh_available(test) {
-        return Ok(());
-    }
-    let all = all_capabilities()?;
-    let (down, g) = gevent_app()?;
-
-    let rx = OtlpReceiver::start()?;
-    let mut agent = start_with(
-        &all,
-        CAPABILITIES,
-        &g,
-        &rx,
-        &["--no-greenlets", "--no-nginx"],
-    )?;
-    ensure_traced(&g, &down, &rx)?;
-    agent.ensure_running()?;
-    ensure_no_permission_errors(&agent, CAPABILITIES)?;
-    let status = agent.stop()?;
-    ensure!(status.success(), "agent did not exit cleanly: {status}");
-
-    let rx = OtlpReceiver::start()?;
-    let mut agent = start_with(&all, CAPABILITIES, &g, &rx, &[])?;
-    agent
-        .wait_stderr(
-            |log| {
-                log.lines()
-                    .any(|l| l.contains("missing CAP_SYS_ADMIN") && l.contains("greenlet"))
-            },
-            Duration::from_secs(10),
-        )
-        .context("no warning about CAP_SYS_ADMIN")?;
-    agent
-        .wait_stderr(
-            |log| {
-                log.lines().any(|l| {
-                    l.contains("attaching native uprobes failed") && l.contains("Permission denied")
-                })
-            },
-            Duration::from_secs(60),
-        )
-        .context("the greenlet uprobe attach did not fail as expected without CAP_SYS_ADMIN")?;
-    ensure_traced(&g, &down, &rx)?;
-    agent.ensure_running()?;
     Ok(())
 }
 

@@ -18,8 +18,6 @@ use serde_json::Value;
 /// The capability set the agent runs with (docs/capabilities.md; tests/capabilities.rs
 /// proves it is enough).
 const CAPABILITIES: &[&str] = &["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"];
-/// Added while greenlet or nginx uprobes are on (perf uprobes need it on Linux >= 6.16).
-const NATIVE_UPROBES_CAPABILITY: &str = "SYS_ADMIN";
 
 struct Tools {
     kubeconform: PathBuf,
@@ -100,9 +98,8 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// What every variant of the DaemonSet must hold; `native_uprobes`: greenlet or nginx
-/// uprobes are on, so CAP_SYS_ADMIN must be in the set (and only then).
-fn ensure_agent_shape(ds: &Value, native_uprobes: bool) -> Result<()> {
+/// What every variant of the DaemonSet must hold.
+fn ensure_agent_shape(ds: &Value) -> Result<()> {
     let pod = &ds["spec"]["template"]["spec"];
     ensure!(pod["hostPID"] == true, "hostPID is not true: {pod}");
     ensure!(
@@ -120,9 +117,6 @@ fn ensure_agent_shape(ds: &Value, native_uprobes: bool) -> Result<()> {
     let mut add = strings(&sc["capabilities"]["add"]);
     add.sort();
     let mut want: Vec<String> = CAPABILITIES.iter().map(|c| c.to_string()).collect();
-    if native_uprobes {
-        want.push(NATIVE_UPROBES_CAPABILITY.to_string());
-    }
     want.sort();
     ensure!(add == want, "capabilities.add is {add:?}, want {want:?}");
 
@@ -235,7 +229,7 @@ fn plain_manifests_are_valid_and_complete() -> Result<()> {
         docs.extend(kube_tools::yaml_documents(&std::fs::read_to_string(f)?)?);
     }
     let ds = the_daemonset(&docs)?;
-    ensure_agent_shape(ds, true)?;
+    ensure_agent_shape(ds)?;
     ensure_metrics(ds, 9464)?;
     ensure_rbac(&docs)?;
     // the service account the DaemonSet uses is the one the binding names
@@ -267,7 +261,7 @@ fn chart_defaults_render_valid_manifests() -> Result<()> {
     ensure_valid(&v, CHART_KINDS)?;
     let docs = kube_tools::yaml_documents(&yaml)?;
     let ds = the_daemonset(&docs)?;
-    ensure_agent_shape(ds, true)?;
+    ensure_agent_shape(ds)?;
     ensure_metrics(ds, 9464)?;
     ensure_rbac(&docs)?;
     ensure!(
@@ -325,7 +319,7 @@ fn chart_with_endpoint_and_filters() -> Result<()> {
     ensure_valid(&v, CHART_KINDS)?;
     let docs = kube_tools::yaml_documents(&yaml)?;
     let ds = the_daemonset(&docs)?;
-    ensure_agent_shape(ds, true)?;
+    ensure_agent_shape(ds)?;
     ensure_metrics(ds, 9100)?;
     let c = agent_container(ds)?;
     let args = strings(&c["args"]);
@@ -379,8 +373,7 @@ fn chart_without_metrics_rbac_or_native_uprobes() -> Result<()> {
     ensure_valid(&v, &["DaemonSet"])?;
     let docs = kube_tools::yaml_documents(&yaml)?;
     let ds = the_daemonset(&docs)?;
-    // no greenlet or nginx uprobes: no CAP_SYS_ADMIN
-    ensure_agent_shape(ds, false)?;
+    ensure_agent_shape(ds)?;
     let c = agent_container(ds)?;
     let args = strings(&c["args"]);
     for want in ["--no-greenlets", "--no-nginx"] {

@@ -53,7 +53,7 @@ fn read_user<T: Copy>(addr: u64) -> Option<T> {
 /// switched to, right after its stack is in place, for every switch (first start included).
 /// The returned object has a destructor, so the C++ ABI passes the return slot in rdi and
 /// `this` in rsi.
-#[uprobe]
+#[uprobe(multi)]
 pub fn greenlet_switched(ctx: ProbeContext) -> u32 {
     let Some((id, _)) = current_if_watched() else {
         return 0;
@@ -68,7 +68,7 @@ pub fn greenlet_switched(ctx: ProbeContext) -> u32 {
 }
 
 /// `ngx_http_upstream_init(r)`: the request whose upstream connection comes next on this thread.
-#[uprobe]
+#[uprobe(multi)]
 pub fn ngx_upstream_init(ctx: ProbeContext) -> u32 {
     let Some((id, _)) = current_if_watched() else {
         return 0;
@@ -78,7 +78,7 @@ pub fn ngx_upstream_init(ctx: ProbeContext) -> u32 {
     0
 }
 
-#[uretprobe]
+#[uretprobe(multi)]
 pub fn ngx_upstream_init_ret(_ctx: RetProbeContext) -> u32 {
     let Some((id, _)) = current_if_watched() else {
         return 0;
@@ -88,7 +88,7 @@ pub fn ngx_upstream_init_ret(_ctx: RetProbeContext) -> u32 {
 }
 
 /// `ngx_event_connect_peer(pc)`, only while a request's upstream is being set up.
-#[uprobe]
+#[uprobe(multi)]
 pub fn ngx_connect_peer(ctx: ProbeContext) -> u32 {
     let Some((id, _)) = current_if_watched() else {
         return 0;
@@ -104,7 +104,7 @@ pub fn ngx_connect_peer(ctx: ProbeContext) -> u32 {
 
 /// The return of `ngx_event_connect_peer`: `pc->connection` is the new or reused upstream
 /// connection (also when the connect is still in progress).
-#[uretprobe]
+#[uretprobe(multi)]
 pub fn ngx_connect_peer_ret(_ctx: RetProbeContext) -> u32 {
     let Some((id, _)) = current_if_watched() else {
         return 0;

@@ -215,25 +215,25 @@ fn ssl_enter(ctx: &ProbeContext, dir: u8, ex: bool) -> u32 {
 }
 
 /// `int SSL_write(SSL *ssl, const void *buf, int num)`.
-#[uprobe]
+#[uprobe(multi)]
 pub fn ssl_write_enter(ctx: ProbeContext) -> u32 {
     ssl_enter(&ctx, direction::EGRESS, false)
 }
 
 /// `int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)`.
-#[uprobe]
+#[uprobe(multi)]
 pub fn ssl_write_ex_enter(ctx: ProbeContext) -> u32 {
     ssl_enter(&ctx, direction::EGRESS, true)
 }
 
 /// `int SSL_read(SSL *ssl, void *buf, int num)`.
-#[uprobe]
+#[uprobe(multi)]
 pub fn ssl_read_enter(ctx: ProbeContext) -> u32 {
     ssl_enter(&ctx, direction::INGRESS, false)
 }
 
 /// `int SSL_read_ex(SSL *s, void *buf, size_t num, size_t *readbytes)`.
-#[uprobe]
+#[uprobe(multi)]
 pub fn ssl_read_ex_enter(ctx: ProbeContext) -> u32 {
     ssl_enter(&ctx, direction::INGRESS, true)
 }
@@ -241,7 +241,7 @@ pub fn ssl_read_ex_enter(ctx: ProbeContext) -> u32 {
 /// The return of any of the four: what moved is the return value (> 0), or for the `_ex`
 /// forms `*len_ptr` when they return 1. A write's buffer is still the caller's, a read's
 /// now holds the plaintext.
-#[uretprobe]
+#[uretprobe(multi)]
 pub fn ssl_ret(ctx: RetProbeContext) -> u32 {
     let Some((id, tgid)) = current_if_watched() else {
         return 0;

@@ -808,7 +808,10 @@ impl Agent {
             ("tls_rescans", self.tls.rescanned() as u64),
             ("tls_events", kc(counter::TLS_EVENTS)),
             ("tls_no_socket", kc(counter::TLS_NO_SOCKET)),
-            ("tls_ciphertext_skipped", kc(counter::TLS_CIPHERTEXT_SKIPPED)),
+            (
+                "tls_ciphertext_skipped",
+                kc(counter::TLS_CIPHERTEXT_SKIPPED),
+            ),
             ("tls_conns", s.tls_conns),
             ("tls_ciphertext_conns", s.tls_ciphertext_conns),
             ("tls_ciphertext_chunks", s.tls_ciphertext_chunks),

@@ -101,7 +101,7 @@ pub type KernelCounters = [u64; counter::COUNT as usize];
 
 impl Probes {
     pub fn load(selection: &KernelSelection) -> anyhow::Result<Self> {
-        privileges::check(selection.greenlets || selection.nginx)?;
+        privileges::check()?;
         tracefs::ensure_mounted()?;
         bump_memlock_rlimit();
         let fork_child_pid_offset =

@@ -30,8 +30,10 @@ pub fn parse_cap_eff(status: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-/// What `effective` lacks. `native_uprobes`: greenlet or nginx uprobes are wanted.
-pub fn assess(effective: u64, native_uprobes: bool) -> Missing {
+/// What `effective` lacks. Every uprobe is a `uprobe_multi` link (BPF_LINK_CREATE, with
+/// CAP_BPF + CAP_PERFMON), not a perf uprobe, which Linux >= 6.16 opens only with
+/// CAP_SYS_ADMIN: so no hook needs CAP_SYS_ADMIN.
+pub fn assess(effective: u64) -> Missing {
     let has = |cap: u32| effective & (1u64 << cap) != 0;
     let admin = has(CAP_SYS_ADMIN);
     let mut missing = Missing::default();
@@ -58,28 +60,20 @@ pub fn assess(effective: u64, native_uprobes: bool) -> Missing {
              listed, so their connections opened before the agent started are not followed",
         );
     }
-    if native_uprobes && !admin {
-        missing.degraded.push(
-            "CAP_SYS_ADMIN: greenlet and nginx uprobes are perf uprobes, which Linux >= 6.16 \
-             (and kernels with that change backported) opens only with CAP_SYS_ADMIN; without \
-             it gevent and nginx requests are linked by thread (--no-greenlets --no-nginx \
-             turns them off and silences this)",
-        );
-    }
     missing
 }
 
 /// Reads the agent's own effective set; fails naming what is missing when it cannot work,
 /// warns for what only degrades it.
-pub fn check(native_uprobes: bool) -> anyhow::Result<()> {
+pub fn check() -> anyhow::Result<()> {
     let status = std::fs::read_to_string("/proc/self/status")
         .context("reading /proc/self/status for the agent's capabilities")?;
     let effective = parse_cap_eff(&status).context("no CapEff line in /proc/self/status")?;
-    let missing = assess(effective, native_uprobes);
+    let missing = assess(effective);
     if !missing.fatal.is_empty() {
         bail!(
             "missing capabilities: {}. The agent needs CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE and \
-             CAP_DAC_READ_SEARCH (plus CAP_SYS_ADMIN for greenlet and nginx uprobes), or root; \
+             CAP_DAC_READ_SEARCH, or root; \
              see docs/capabilities.md",
             missing.fatal.join("; ")
         );
@@ -109,33 +103,22 @@ mod tests {
     }
 
     #[test]
-    fn the_documented_set_is_enough_without_native_uprobes() {
-        assert_eq!(
-            assess(BPF | PERFMON | PTRACE | DAC, false),
-            Missing::default()
-        );
-        let m = assess(BPF | PERFMON | PTRACE | DAC, true);
-        assert!(m.fatal.is_empty());
-        assert_eq!(m.degraded.len(), 1);
-        assert!(m.degraded[0].starts_with("CAP_SYS_ADMIN"));
-        assert_eq!(
-            assess(BPF | PERFMON | PTRACE | DAC | ADMIN, true),
-            Missing::default()
-        );
+    fn the_documented_set_is_enough() {
+        assert_eq!(assess(BPF | PERFMON | PTRACE | DAC), Missing::default());
     }
 
     #[test]
     fn names_each_missing_capability() {
-        let m = assess(PERFMON | PTRACE | DAC, false);
+        let m = assess(PERFMON | PTRACE | DAC);
         assert_eq!(m.fatal.len(), 1);
         assert!(m.fatal[0].starts_with("CAP_BPF"));
-        let m = assess(BPF | PTRACE | DAC, false);
+        let m = assess(BPF | PTRACE | DAC);
         assert!(m.fatal[0].starts_with("CAP_PERFMON"));
-        let m = assess(BPF | PERFMON, false);
+        let m = assess(BPF | PERFMON);
         assert!(m.fatal.is_empty());
         assert!(m.degraded[0].starts_with("CAP_SYS_PTRACE"));
         assert!(m.degraded[1].starts_with("CAP_DAC_READ_SEARCH"));
         // CAP_SYS_ADMIN alone covers BPF and perf (pre-5.8 style)
-        assert!(assess(ADMIN | PTRACE | DAC, true).fatal.is_empty());
+        assert!(assess(ADMIN | PTRACE | DAC).fatal.is_empty());
     }
 }
