@@ -29,6 +29,12 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "wrk",
     "nginx",
+    // Container tests: a private dockerd, and the Debian Python files its test image is
+    // built from (tests/src/docker.rs).
+    "docker.io",
+    "python3-flask",
+    "gunicorn",
+    "python3-gevent",
 ];
 /// Pinned so a CI run tomorrow tests against the same servers as today.
 const PYTHON_PACKAGES: &[&str] = &[

@@ -67,6 +67,10 @@ pub fn format_span_line(span: &FinishedSpan) -> String {
         line.push_str(" peer=");
         push_token(&mut line, &peer);
     }
+    if let Some(container) = &span.resource.container {
+        line.push_str(" container=");
+        push_token(&mut line, container_label(container));
+    }
     if let Some(session) = span.attr("dify.plugin.session_id") {
         line.push_str(" session=");
         push_token(&mut line, &attr_text(session));
@@ -77,6 +81,18 @@ pub fn format_span_line(span: &FinishedSpan) -> String {
         let _ = write!(line, " error=\"{}\"", short.escape_debug());
     }
     line
+}
+
+/// A container's name, else its short id, else (a plain cgroup) its cgroup path.
+fn container_label(c: &crate::span::model::ContainerIdentity) -> &str {
+    if let Some(k8s) = &c.k8s {
+        return &k8s.pod_name;
+    }
+    match &c.name {
+        Some(name) => name,
+        None if !c.id.is_empty() => c.id.get(..12).unwrap_or(&c.id),
+        None => &c.cgroup_path,
+    }
 }
 
 /// `SERVER app GET /hello 200`: kind, service, method and path (or the two words of the
@@ -586,6 +602,7 @@ mod tests {
                 pid: 1234,
                 executable_name: "python3".into(),
                 host_name: "node-1".into(),
+                container: None,
             }),
         }
     }

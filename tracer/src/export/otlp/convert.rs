@@ -15,7 +15,9 @@ use opentelemetry_sdk::{
     trace::{SpanData, SpanEvents, SpanLinks},
 };
 
-use crate::span::model::{AttrValue, FinishedSpan, ProcessResource, SpanKind, SpanStatus};
+use crate::span::model::{
+    AttrValue, ContainerIdentity, FinishedSpan, ProcessResource, SpanKind, SpanStatus,
+};
 
 /// The OTel resource of one traced process.
 pub(crate) fn otel_resource(p: &ProcessResource) -> Resource {
@@ -38,6 +40,9 @@ pub(crate) fn otel_resource(p: &ProcessResource) -> Resource {
     if !p.host_name.is_empty() {
         attrs.push(KeyValue::new("host.name", p.host_name.clone()));
     }
+    if let Some(container) = &p.container {
+        push_container(&mut attrs, container);
+    }
     // OTEL_RESOURCE_ATTRIBUTES adds deployment-wide facts (cluster, environment); what we know
     // about the process comes later and wins. OTEL_SERVICE_NAME is deliberately not applied:
     // one agent exports many services.
@@ -45,6 +50,51 @@ pub(crate) fn otel_resource(p: &ProcessResource) -> Resource {
         .with_detector(Box::new(EnvResourceDetector::new()))
         .with_attributes(attrs)
         .build()
+}
+
+/// `container.*` and `k8s.*` resource attributes, as far as they are known.
+fn push_container(attrs: &mut Vec<KeyValue>, c: &ContainerIdentity) {
+    if !c.id.is_empty() {
+        attrs.push(KeyValue::new("container.id", c.id.clone()));
+    }
+    if let Some(runtime) = c.runtime {
+        attrs.push(KeyValue::new("container.runtime.name", runtime));
+    }
+    let optional = [
+        ("container.name", &c.name),
+        ("container.image.name", &c.image_name),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            attrs.push(KeyValue::new(key, value.clone()));
+        }
+    }
+    if let Some(tag) = &c.image_tag {
+        attrs.push(KeyValue::new(
+            "container.image.tags",
+            Value::Array(vec![StringValue::from(tag.clone())].into()),
+        ));
+    }
+    if c.id.is_empty() {
+        // A plain cgroup selected with --cgroup: its path is all there is to say.
+        attrs.push(KeyValue::new(
+            "difytrace.cgroup.path",
+            c.cgroup_path.clone(),
+        ));
+    }
+    if let Some(k8s) = &c.k8s {
+        for (key, value) in [
+            ("k8s.pod.name", &k8s.pod_name),
+            ("k8s.pod.uid", &k8s.pod_uid),
+            ("k8s.namespace.name", &k8s.namespace),
+            ("k8s.container.name", &k8s.container_name),
+            ("k8s.node.name", &k8s.node_name),
+        ] {
+            if !value.is_empty() {
+                attrs.push(KeyValue::new(key, value.clone()));
+            }
+        }
+    }
 }
 
 /// The instrumentation scope every exported span carries.

@@ -1,0 +1,350 @@
+//! Container selection and identity with real containers. A private dockerd (Debian's
+//! docker.io) runs two containers of an image built from Debian's python3, gunicorn, flask and
+//! gevent (no registry), each serving HTTP on its own loopback port (host network). The agent
+//! started with `--container <one of them>` traces that one only, its spans carry
+//! `container.id` and `container.name`, and its greenlet hooks attach through
+//! `/proc/<pid>/root` (the image keeps its packages at a path the host does not have). A
+//! plain cgroup with its own pid namespace (unshare) is selected with `--cgroup`.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use common::*;
+use difytrace_tests::{
+    agent::Agent,
+    docker::{Dockerd, IMAGE_PYTHONPATH, Unavailable},
+    otlp_receiver::{OtlpReceiver, ReceivedSpan, summarize},
+    procs::{Proc, free_port, http_get, local, wait_port, wait_port_of},
+    python::python,
+};
+
+/// The app both containers serve.
+const APP: &str = r#"
+import os
+from flask import Flask
+app = Flask(__name__)
+
+@app.route("/<path:p>")
+def any_path(p):
+    return "ok %s\n" % p, 200, {"X-Worker-Pid": str(os.getpid())}
+"#;
+
+const IMAGE: &str = "difytrace-test:1";
+
+fn dockerd_or_skip(test: &str) -> Option<Dockerd> {
+    match Dockerd::start() {
+        Ok(d) => Some(d),
+        Err(Unavailable(why)) => {
+            difytrace_tests::prerequisite_missing(test, &[format!("a working dockerd ({why})")])
+        }
+    }
+}
+
+/// `docker run` of the app on `port` with one gevent worker.
+fn run_app(dk: &mut Dockerd, name: &str, port: u16) -> Result<String> {
+    let bind = format!("127.0.0.1:{port}");
+    let env = format!("PYTHONPATH={IMAGE_PYTHONPATH}");
+    dk.run(
+        name,
+        &[
+            "-e",
+            &env,
+            "-w",
+            "/opt/app",
+            IMAGE,
+            "/usr/bin/python3",
+            "-m",
+            "gunicorn",
+            "-k",
+            "gevent",
+            "-w",
+            "1",
+            "-b",
+            &bind,
+            "app:app",
+        ],
+    )
+}
+
+fn wait_serving(dk: &Dockerd, name: &str, port: u16) -> Result<()> {
+    wait_port(local(port), Duration::from_secs(60))
+        .with_context(|| format!("container {name} not serving; its log:\n{}", dk.logs(name)))
+}
+
+fn paths_with(spans: &[ReceivedSpan], prefix: &str) -> Vec<ReceivedSpan> {
+    spans
+        .iter()
+        .filter(|s| {
+            s.attr_str("url.path")
+                .is_some_and(|p| p.starts_with(prefix))
+        })
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn container_filter_traces_only_the_named_docker_container() -> Result<()> {
+    let test = "container_filter_traces_only_the_named_docker_container";
+    let Some(_e2e) = difytrace_tests::e2e(test) else {
+        return Ok(());
+    };
+    let Some(mut dk) = dockerd_or_skip(test) else {
+        return Ok(());
+    };
+    dk.build_python_image(IMAGE, APP)?;
+    let tag = random_hex(8);
+    let (name_a, name_b) = (format!("dt-a-{tag}"), format!("dt-b-{tag}"));
+    let (port_a, port_b) = (free_port(), free_port());
+    // B runs before the agent, A starts after it: both the containers found at start and
+    // the ones that appear later must be handled.
+    run_app(&mut dk, &name_b, port_b)?;
+    wait_serving(&dk, &name_b, port_b)?;
+    let rx = OtlpReceiver::start()?;
+    let socket = dk.socket().to_string_lossy().into_owned();
+    let agent = Agent::start(&[
+        "--container",
+        &name_a,
+        "--docker-socket",
+        &socket,
+        "--otlp-endpoint",
+        &rx.grpc_endpoint(),
+    ])?;
+    let id_a = run_app(&mut dk, &name_a, port_a)?;
+    wait_serving(&dk, &name_a, port_a)?;
+    let id_b = dk.docker(&["inspect", "--format", "{{.Id}}", &name_b])?;
+
+    // The container's cgroup enters the kernel filter within a refresh of its start: ask
+    // until A's first request is traced.
+    let a_prefix = format!("/a-{tag}/");
+    let b_prefix = format!("/b-{tag}/");
+    let deadline = Instant::now() + SPAN_WAIT;
+    let mut n = 0;
+    loop {
+        n += 1;
+        http_get(local(port_a), &format!("{a_prefix}warm{n}"), &[])?;
+        http_get(local(port_b), &format!("{b_prefix}warm{n}"), &[])?;
+        if !paths_with(&rx.spans(), &a_prefix).is_empty() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no span from container A ({name_a}) after {n} requests\n{}",
+            agent.logs(80)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for i in 0..10 {
+        let ra = http_get(local(port_a), &format!("{a_prefix}{i}"), &[])?;
+        let rb = http_get(local(port_b), &format!("{b_prefix}{i}"), &[])?;
+        ensure!(ra.status == 200 && rb.status == 200, "{ra:?} {rb:?}");
+    }
+    let spans = rx
+        .wait_for(
+            |s| {
+                (0..10).all(|i| {
+                    let p = format!("{a_prefix}{i}");
+                    s.iter()
+                        .any(|x| x.attr_str("url.path").as_deref() == Some(&p))
+                })
+            },
+            SPAN_WAIT,
+        )
+        .map_err(|e| agent.annotate(e))?;
+    // B's spans would have been exported with A's; give stragglers a moment anyway.
+    std::thread::sleep(Duration::from_secs(2));
+    let spans = rx.spans().into_iter().chain(spans).collect::<Vec<_>>();
+    let from_b = paths_with(&spans, &b_prefix);
+    ensure!(
+        from_b.is_empty(),
+        "container B ({name_b}) was traced:\n{}",
+        summarize(&from_b, 10)
+    );
+    let from_a = paths_with(&spans, &a_prefix);
+    ensure!(from_a.len() >= 10, "{}", summarize(&spans, 40));
+    for span in &spans {
+        // Nothing outside A is traced at all (the test process, B, the host).
+        ensure!(
+            span.res_str("container.id").as_deref() == Some(id_a.as_str()),
+            "span without A's container.id {id_a} (B is {id_b}): {}\nresource: {:?}",
+            span.summary(),
+            span.res_str("container.id")
+        );
+        ensure!(
+            span.res_str("container.name").as_deref() == Some(name_a.as_str()),
+            "span without container.name {name_a}: {} (container.name {:?})",
+            span.summary(),
+            span.res_str("container.name")
+        );
+        ensure!(
+            span.res_str("container.image.name").as_deref() == Some("difytrace-test"),
+            "container.image.name: {:?}",
+            span.res_str("container.image.name")
+        );
+        ensure!(
+            span.res_str("container.runtime.name").as_deref() == Some("docker"),
+            "container.runtime.name: {:?}",
+            span.res_str("container.runtime.name")
+        );
+    }
+    // The gevent worker's greenlet module exists only inside the image: hooked through the
+    // container's root.
+    let log = agent.stderr();
+    let hooked = log.lines().any(|l| {
+        l.contains("native uprobes attached")
+            && l.contains("/root/opt/difytrace-py/greenlet/_greenlet")
+            && l.contains("/proc/")
+    });
+    ensure!(
+        hooked,
+        "greenlet of container A not hooked through /proc/<pid>/root:\n{}",
+        agent.logs(80)
+    );
+    let pid_a = dk.pid_of(&name_a)?;
+    ensure!(
+        !log.contains(&format!("/proc/{}/root", dk.pid_of(&name_b)?)),
+        "container B's files were hooked (A's first pid is {pid_a})\n{}",
+        agent.logs(80)
+    );
+    Ok(())
+}
+
+/// The cgroup2 mount point (pure v2: /sys/fs/cgroup; hybrid: /sys/fs/cgroup/unified).
+fn cgroup2_root() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        if after.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        before.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// A cgroup of our own, removed on drop (after its processes are gone).
+struct OwnCgroup {
+    dir: PathBuf,
+}
+
+impl OwnCgroup {
+    fn create(root: &Path, name: &str) -> Result<OwnCgroup> {
+        let dir = root.join(name);
+        std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(OwnCgroup { dir })
+    }
+
+    fn procs(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.dir.join("cgroup.procs"))
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        for pid in self.procs() {
+            // SAFETY: plain kill(2) of processes this test put there.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove cgroup {}", self.dir.display());
+    }
+}
+
+/// `python -m http.server` on `port`; inside `cgroup` (and new pid + mount namespaces via
+/// unshare) when given.
+fn http_server(dir: &Path, name: &str, port: u16, cgroup: Option<&Path>) -> Result<Proc> {
+    let py = python();
+    let serve = format!(
+        "exec {} -m http.server --bind 127.0.0.1 {port}",
+        py.display()
+    );
+    let script = match cgroup {
+        Some(cg) => format!(
+            "echo $$ > {}/cgroup.procs && exec unshare --pid --fork --mount-proc sh -c '{serve}'",
+            cg.display()
+        ),
+        None => serve,
+    };
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script).current_dir(dir);
+    Proc::spawn(name, cmd, dir)
+}
+
+#[test]
+fn cgroup_filter_traces_a_plain_cgroup_with_its_own_pid_namespace() -> Result<()> {
+    let test = "cgroup_filter_traces_a_plain_cgroup_with_its_own_pid_namespace";
+    let Some(_e2e) = difytrace_tests::e2e(test) else {
+        return Ok(());
+    };
+    let Some(root) = cgroup2_root() else {
+        return difytrace_tests::prerequisite_missing(test, &["a cgroup2 mount".to_string()])
+            .unwrap_or(Ok(()));
+    };
+    let tag = random_hex(8);
+    let cg_name = format!("difytrace-test-{}-{tag}", std::process::id());
+    let cgroup = OwnCgroup::create(&root, &cg_name)?;
+    let dir = difytrace_tests::TempDir::new("unshare")?;
+    let (port_in, port_out) = (free_port(), free_port());
+    let rx = OtlpReceiver::start()?;
+    // Given relative to the cgroup2 root, as /proc/<pid>/cgroup prints it.
+    let cg_arg = format!("/{cg_name}");
+    let agent = Agent::start(&["--cgroup", &cg_arg, "--otlp-endpoint", &rx.grpc_endpoint()])?;
+    let mut inside = http_server(dir.path(), "inside", port_in, Some(&cgroup.dir))?;
+    let mut outside = http_server(dir.path(), "outside", port_out, None)?;
+    wait_port_of(&mut inside, local(port_in), Duration::from_secs(30))?;
+    wait_port_of(&mut outside, local(port_out), Duration::from_secs(30))?;
+    let in_prefix = format!("/in-{tag}/");
+    let out_prefix = format!("/out-{tag}/");
+    for i in 0..5 {
+        // http.server answers 404 for files it does not have: still a request and a span.
+        http_get(local(port_in), &format!("{in_prefix}{i}"), &[])?;
+        http_get(local(port_out), &format!("{out_prefix}{i}"), &[])?;
+    }
+    let spans = rx
+        .wait_for(|s| paths_with(s, &in_prefix).len() >= 5, SPAN_WAIT)
+        .map_err(|e| agent.annotate(e))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let spans: Vec<_> = rx.spans().into_iter().chain(spans).collect();
+    let from_out = paths_with(&spans, &out_prefix);
+    ensure!(
+        from_out.is_empty(),
+        "the server outside the cgroup was traced:\n{}",
+        summarize(&from_out, 10)
+    );
+    let members: HashSet<u32> = cgroup.procs().into_iter().collect();
+    let expected_path = format!("/{cg_name}");
+    for span in paths_with(&spans, &in_prefix) {
+        ensure!(
+            span.res_str("difytrace.cgroup.path").as_deref() == Some(expected_path.as_str()),
+            "difytrace.cgroup.path of {}: {:?}",
+            span.summary(),
+            span.res_str("difytrace.cgroup.path")
+        );
+        ensure!(
+            span.res_str("container.id").is_none(),
+            "a plain cgroup is no container: {:?}",
+            span.res_str("container.id")
+        );
+        // process.pid is the host's pid (the server is pid 1 of its own namespace).
+        let pid = span.pid().context("process.pid")?;
+        ensure!(
+            members.contains(&pid),
+            "process.pid {pid} is not in the cgroup ({members:?})"
+        );
+    }
+    drop(inside);
+    drop(outside);
+    drop(agent);
+    drop(cgroup);
+    Ok(())
+}
