@@ -114,11 +114,22 @@ impl Dockerd {
 
     /// Builds the test image: Debian's python3.11 with its standard library, flask, gunicorn
     /// and gevent from Debian's packages (under IMAGE_PYTHONPATH), the shared libraries they
-    /// load, and `app` as /opt/app/app.py. Imported, so no registry is involved.
-    pub fn build_python_image(&self, tag: &str, app: &str) -> Result<()> {
+    /// load, `app` as /opt/app/app.py, and each `(host file, path in the image)` of `extra`
+    /// (executables whose libraries the image already has, e.g. a Go binary needing only
+    /// libc). Imported, so no registry is involved.
+    pub fn build_python_image(&self, tag: &str, app: &str, extra: &[(&Path, &str)]) -> Result<()> {
         let rootfs = self.dir.join("rootfs");
+        let _ = std::fs::remove_dir_all(&rootfs);
         std::fs::create_dir_all(rootfs.join("opt/app"))?;
         std::fs::write(rootfs.join("opt/app/app.py"), app)?;
+        for (host, inside) in extra {
+            let dest = rootfs.join(inside.trim_start_matches('/'));
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::copy(host, &dest)
+                .with_context(|| format!("copying {} into the image", host.display()))?;
+        }
         let script = self.dir.join("build-rootfs.sh");
         std::fs::write(&script, BUILD_ROOTFS)?;
         let out = Command::new("bash")

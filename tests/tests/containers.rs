@@ -18,6 +18,7 @@ use common::*;
 use difytrace_tests::{
     agent::Agent,
     docker::{Dockerd, IMAGE_PYTHONPATH, Unavailable},
+    goapp::{self, GoApp, GoTool},
     otlp_receiver::{OtlpReceiver, ReceivedSpan, summarize},
     procs::{Proc, free_port, http_get, local, wait_port, wait_port_of},
     python::python,
@@ -96,7 +97,7 @@ fn container_filter_traces_only_the_named_docker_container() -> Result<()> {
     let Some(mut dk) = dockerd_or_skip(test) else {
         return Ok(());
     };
-    dk.build_python_image(IMAGE, APP)?;
+    dk.build_python_image(IMAGE, APP, &[])?;
     let tag = random_hex(8);
     let (name_a, name_b) = (format!("dt-a-{tag}"), format!("dt-b-{tag}"));
     let (port_a, port_b) = (free_port(), free_port());
@@ -210,6 +211,109 @@ fn container_filter_traces_only_the_named_docker_container() -> Result<()> {
         "container B's files were hooked (A's first pid is {pid_a})\n{}",
         agent.logs(80)
     );
+    Ok(())
+}
+
+#[test]
+fn go_uprobes_attach_to_a_binary_inside_a_container() -> Result<()> {
+    let test = "go_uprobes_attach_to_a_binary_inside_a_container";
+    let Some(_e2e) = difytrace_tests::e2e(test) else {
+        return Ok(());
+    };
+    let missing = goapp::tools_missing();
+    if !missing.is_empty() {
+        return difytrace_tests::prerequisite_missing(test, &missing).unwrap_or(Ok(()));
+    }
+    let Some(mut dk) = dockerd_or_skip(test) else {
+        return Ok(());
+    };
+    let app = GoApp::prepare()?;
+    let variant = app.variant("go1.26")?;
+    // At a path the host does not have: reachable only through the container's root.
+    const INSIDE: &str = "/opt/app/godaemon-in-container";
+    dk.build_python_image(IMAGE, APP, &[(variant.daemon_bin.as_path(), INSIDE)])?;
+    // The tool runs on the host, outside the selection: its side is not traced.
+    let tool = GoTool::start(variant)?;
+    let rx = OtlpReceiver::start()?;
+    let name = format!("dt-go-{}", random_hex(8));
+    let socket = dk.socket().to_string_lossy().into_owned();
+    let agent = Agent::start(&[
+        "--container",
+        &name,
+        "--docker-socket",
+        &socket,
+        "--otlp-endpoint",
+        &rx.grpc_endpoint(),
+    ])?;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let tool_url = format!("http://{}", tool.addr());
+    let id = dk.run(
+        &name,
+        &[
+            IMAGE, INSIDE, "-mode", "daemon", "-listen", &listen, "-tool", &tool_url,
+        ],
+    )?;
+    wait_serving(&dk, &name, port)?;
+    let pid = dk.pid_of(&name)?;
+    let mut agent = agent;
+    agent
+        .wait_stderr(
+            |log| {
+                log.lines().any(|l| {
+                    l.contains("Go uprobes attached") && l.contains(&format!("/proc/{pid}/exe"))
+                })
+            },
+            SPAN_WAIT,
+        )
+        .context("Go uprobes on the container's binary")?;
+    // Hooks are in: these requests are linked by goroutine and carry gin's route.
+    let invs = goapp::invoke_sequential(local(port), 5)?;
+    let spans = rx
+        .wait_for(
+            |s| {
+                invs.iter().all(|inv| {
+                    s.iter().any(|x| {
+                        x.is_server() && x.attr_str("url.path").as_deref() == Some(&inv.path)
+                    })
+                })
+            },
+            SPAN_WAIT,
+        )
+        .map_err(|e| agent.annotate(e))?;
+    for inv in &invs {
+        let server = spans
+            .iter()
+            .find(|x| x.is_server() && x.attr_str("url.path").as_deref() == Some(&inv.path))
+            .context("server span")?;
+        ensure!(
+            server.attr_str("http.route").as_deref() == Some(goapp::ROUTE),
+            "no gin route from the uprobes: {}",
+            server.summary()
+        );
+        ensure!(
+            server.res_str("container.id").as_deref() == Some(id.as_str())
+                && server.res_str("container.name").as_deref() == Some(name.as_str()),
+            "container identity of {}: {:?} {:?}",
+            server.summary(),
+            server.res_str("container.id"),
+            server.res_str("container.name")
+        );
+        let tool_path = goapp::tool_path(&inv.tenant);
+        let client = spans
+            .iter()
+            .find(|x| x.is_client() && x.attr_str("url.path").as_deref() == Some(&tool_path))
+            .with_context(|| {
+                format!("no CLIENT span for {tool_path}:\n{}", summarize(&spans, 30))
+            })?;
+        // Made from a goroutine the handler spawned: only goroutine linking gets this.
+        ensure!(
+            client.parent_span_id == server.span_id,
+            "CLIENT {} is not the child of SERVER {}",
+            client.summary(),
+            server.summary()
+        );
+    }
     Ok(())
 }
 
