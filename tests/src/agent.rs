@@ -46,6 +46,19 @@ impl Agent {
     }
 
     pub fn start_with_timeout<S: AsRef<str>>(args: &[S], ready_timeout: Duration) -> Result<Agent> {
+        Self::start_inner(args, &[], ready_timeout)
+    }
+
+    /// As [`Agent::start`], with extra environment variables.
+    pub fn start_with_env<S: AsRef<str>>(args: &[S], env: &[(&str, &str)]) -> Result<Agent> {
+        Self::start_inner(args, env, READY_TIMEOUT)
+    }
+
+    fn start_inner<S: AsRef<str>>(
+        args: &[S],
+        env: &[(&str, &str)],
+        ready_timeout: Duration,
+    ) -> Result<Agent> {
         let bin = agent_binary();
         if !bin.is_file() {
             bail!(
@@ -62,7 +75,8 @@ impl Agent {
             .arg(&ready_file)
             // the agent's own traffic and state stay out of the tests' way
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL");
+            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+            .envs(env.iter().copied());
         if std::env::var_os("RUST_BACKTRACE").is_none() {
             cmd.env("RUST_BACKTRACE", "1");
         }

@@ -317,6 +317,179 @@ fn go_uprobes_attach_to_a_binary_inside_a_container() -> Result<()> {
     Ok(())
 }
 
+/// A stand-in for the Kubernetes API server: HTTPS with a CA of the test's own, the bearer
+/// token checked, and `GET /api/v1/pods?fieldSelector=spec.nodeName=<node>` answered with
+/// the pod list in `pods.json` (written by the test, in the API's shape).
+const FAKE_API_SERVER: &str = r#"
+import http.server, ssl, sys
+port, cert, key, token, pods, node = sys.argv[1:7]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.headers.get("Authorization") != "Bearer " + token:
+            self.send_response(401); self.end_headers(); return
+        if self.path != "/api/v1/pods?fieldSelector=spec.nodeName%3D" + node:
+            self.send_response(404); self.end_headers(); return
+        body = open(pods, "rb").read()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv = http.server.HTTPServer(("127.0.0.1", int(port)), H)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print("listening", flush=True)
+srv.serve_forever()
+"#;
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with the openssl CLI.
+fn make_certs(dir: &Path) -> Result<()> {
+    let script = r#"set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=difytrace-test-ca 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key -out srv.csr -subj /CN=kubernetes 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:kubernetes.default.svc
+basicConstraints=CA:FALSE
+keyUsage=digitalSignature
+extendedKeyUsage=serverAuth
+' > ext
+openssl x509 -req -in srv.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out srv.crt -days 2 -extfile ext 2>/dev/null
+"#;
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .context("running openssl")?;
+    ensure!(
+        out.status.success(),
+        "making test certificates failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn pod_json(name: &str, ns: &str, uid: &str, app: &str, container_id: &str) -> String {
+    format!(
+        r#"{{"metadata":{{"name":"{name}","namespace":"{ns}","uid":"{uid}","labels":{{"app":"{app}"}}}},"spec":{{"nodeName":"node-1"}},"status":{{"phase":"Running","containerStatuses":[{{"name":"web","image":"difytrace-test:1","containerID":"docker://{container_id}","ready":true}}]}}}}"#
+    )
+}
+
+#[test]
+fn kubernetes_filter_by_namespace_and_label_from_the_api_server() -> Result<()> {
+    let test = "kubernetes_filter_by_namespace_and_label_from_the_api_server";
+    let Some(_e2e) = difytrace_tests::e2e(test) else {
+        return Ok(());
+    };
+    let Some(mut dk) = dockerd_or_skip(test) else {
+        return Ok(());
+    };
+    dk.build_python_image(IMAGE, APP, &[])?;
+    let tag = random_hex(8);
+    let (name_a, name_b) = (format!("dt-ka-{tag}"), format!("dt-kb-{tag}"));
+    let (port_a, port_b) = (free_port(), free_port());
+    let id_a = run_app(&mut dk, &name_a, port_a)?;
+    let id_b = run_app(&mut dk, &name_b, port_b)?;
+    wait_serving(&dk, &name_a, port_a)?;
+    wait_serving(&dk, &name_b, port_b)?;
+
+    let dir = difytrace_tests::TempDir::new("kube-api")?;
+    make_certs(dir.path())?;
+    let sa = dir.join("serviceaccount");
+    std::fs::create_dir_all(&sa)?;
+    std::fs::copy(dir.join("ca.crt"), sa.join("ca.crt"))?;
+    let token = format!("token-{tag}");
+    std::fs::write(sa.join("token"), format!("{token}\n"))?;
+    // Same namespace, different labels: only the label tells them apart.
+    let uid_a = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    let pods = format!(
+        r#"{{"kind":"PodList","apiVersion":"v1","items":[{},{}]}}"#,
+        pod_json("api-0", "dify", uid_a, "api", &id_a),
+        pod_json(
+            "web-0",
+            "dify",
+            "1f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+            "web",
+            &id_b
+        )
+    );
+    std::fs::write(dir.join("pods.json"), pods)?;
+    std::fs::write(dir.join("fake_api.py"), FAKE_API_SERVER)?;
+    let api_port = free_port();
+    let mut cmd = Command::new(python());
+    cmd.arg(dir.join("fake_api.py"))
+        .arg(api_port.to_string())
+        .arg(dir.join("srv.crt"))
+        .arg(dir.join("srv.key"))
+        .arg(&token)
+        .arg(dir.join("pods.json"))
+        .arg("node-1");
+    let mut api = Proc::spawn("fake-api", cmd, dir.path())?;
+    wait_port_of(&mut api, local(api_port), Duration::from_secs(30))?;
+
+    let rx = OtlpReceiver::start()?;
+    let socket = dk.socket().to_string_lossy().into_owned();
+    // The agent's environment as a DaemonSet pod would have it.
+    let sa_dir = sa.to_string_lossy().into_owned();
+    let port_text = api_port.to_string();
+    let agent = Agent::start_with_env(
+        &[
+            "--k8s-namespace",
+            "dify",
+            "--k8s-pod-label",
+            "app=api",
+            "--docker-socket",
+            &socket,
+            "--otlp-endpoint",
+            &rx.grpc_endpoint(),
+        ],
+        &[
+            ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
+            ("KUBERNETES_SERVICE_PORT", port_text.as_str()),
+            ("K8S_NODE_NAME", "node-1"),
+            ("DIFYTRACE_K8S_SERVICE_ACCOUNT_DIR", sa_dir.as_str()),
+        ],
+    )?;
+    let a_prefix = format!("/ka-{tag}/");
+    let b_prefix = format!("/kb-{tag}/");
+    for i in 0..5 {
+        http_get(local(port_a), &format!("{a_prefix}{i}"), &[])?;
+        http_get(local(port_b), &format!("{b_prefix}{i}"), &[])?;
+    }
+    let spans = rx
+        .wait_for(|s| paths_with(s, &a_prefix).len() >= 5, SPAN_WAIT)
+        .map_err(|e| agent.annotate(e))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let spans: Vec<_> = rx.spans().into_iter().chain(spans).collect();
+    let from_b = paths_with(&spans, &b_prefix);
+    ensure!(
+        from_b.is_empty(),
+        "pod web-0 (label app=web) was traced:\n{}",
+        summarize(&from_b, 10)
+    );
+    for span in paths_with(&spans, &a_prefix) {
+        let want = [
+            ("k8s.pod.name", "api-0"),
+            ("k8s.namespace.name", "dify"),
+            ("k8s.pod.uid", uid_a),
+            ("k8s.container.name", "web"),
+            ("k8s.node.name", "node-1"),
+            ("container.id", id_a.as_str()),
+            ("container.name", name_a.as_str()),
+        ];
+        for (key, value) in want {
+            ensure!(
+                span.res_str(key).as_deref() == Some(value),
+                "{key} of {}: {:?}, want {value}",
+                span.summary(),
+                span.res_str(key)
+            );
+        }
+    }
+    drop(api);
+    Ok(())
+}
+
 /// The cgroup2 mount point (pure v2: /sys/fs/cgroup; hybrid: /sys/fs/cgroup/unified).
 fn cgroup2_root() -> Option<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;

@@ -105,13 +105,16 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Reads a stream to its end, at most MAX_RESPONSE_BYTES.
+/// Reads a stream to its end, at most MAX_RESPONSE_BYTES. A TLS peer that closes without
+/// close_notify ends the stream too (many servers do): the response's own framing, checked by
+/// `response_body`, tells a cut-off answer from a complete one.
 pub fn read_all(stream: &mut impl std::io::Read) -> std::io::Result<Vec<u8>> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 16384];
     loop {
         match stream.read(&mut buf) {
             Ok(0) => return Ok(raw),
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(raw),
             Ok(n) => {
                 raw.extend_from_slice(&buf[..n]);
                 if raw.len() > MAX_RESPONSE_BYTES {
