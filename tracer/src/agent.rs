@@ -890,7 +890,10 @@ impl Agent {
             None => chosen,
         };
         let mut seeded = 0usize;
-        let mut next_conn_id = SEEDED_CONN_ID_BASE;
+        // Adoption runs again for containers that appear later: generations never repeat.
+        static SEEDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut next_conn_id =
+            SEEDED_CONN_ID_BASE + SEEDED.load(std::sync::atomic::Ordering::Relaxed);
         let mut tables: HashMap<String, HashMap<u64, procfs::TcpSocket>> = HashMap::new();
         let now = monotonic_ns();
         for &tgid in &chosen {
@@ -952,6 +955,10 @@ impl Agent {
                 seeded += 1;
             }
         }
+        SEEDED.store(
+            next_conn_id - SEEDED_CONN_ID_BASE,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if seeded >= MAX_SEEDED_SOCKETS {
             warn!(seeded, "not every pre-existing socket was seeded");
         }

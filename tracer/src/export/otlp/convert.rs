@@ -169,3 +169,71 @@ fn key_value((key, value): (String, AttrValue)) -> KeyValue {
     };
     KeyValue::new(key, value)
 }
+
+#[cfg(test)]
+mod container_tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::span::model::K8sIdentity;
+
+    fn resource_attrs(container: Option<ContainerIdentity>) -> Vec<(String, String)> {
+        let r = otel_resource(&ProcessResource {
+            service_name: "api".into(),
+            pid: 7,
+            executable_name: "python3".into(),
+            host_name: "node-1".into(),
+            container: container.map(Arc::new),
+        });
+        r.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn container_and_pod_attributes() {
+        let id = "5d2e1e6a0f4b4c8e9a7d3b2c1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e";
+        let attrs = resource_attrs(Some(ContainerIdentity {
+            id: id.into(),
+            runtime: Some("containerd"),
+            cgroup_path: format!("/kubepods/pod1/{id}"),
+            name: None,
+            image_name: Some("langgenius/dify-api".into()),
+            image_tag: Some("1.4.0".into()),
+            k8s: Some(K8sIdentity {
+                pod_name: "api-0".into(),
+                pod_uid: "u-1".into(),
+                namespace: "dify".into(),
+                container_name: "api".into(),
+                node_name: "node-1".into(),
+            }),
+        }));
+        let get = |k: &str| {
+            attrs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("container.id"), Some(id));
+        assert_eq!(get("container.runtime.name"), Some("containerd"));
+        assert_eq!(get("container.image.name"), Some("langgenius/dify-api"));
+        assert_eq!(get("container.name"), None, "unknown, so absent");
+        assert_eq!(get("k8s.pod.name"), Some("api-0"));
+        assert_eq!(get("k8s.pod.uid"), Some("u-1"));
+        assert_eq!(get("k8s.namespace.name"), Some("dify"));
+        assert_eq!(get("k8s.container.name"), Some("api"));
+        assert_eq!(get("k8s.node.name"), Some("node-1"));
+        assert_eq!(get("difytrace.cgroup.path"), None);
+        let plain = resource_attrs(Some(ContainerIdentity {
+            cgroup_path: "/my.slice/x".into(),
+            ..Default::default()
+        }));
+        assert!(plain.iter().all(|(k, _)| k != "container.id"));
+        assert!(plain.contains(&("difytrace.cgroup.path".into(), "/my.slice/x".into())));
+        let host = resource_attrs(None);
+        assert!(
+            host.iter()
+                .all(|(k, _)| !k.starts_with("container.") && !k.starts_with("k8s."))
+        );
+    }
+}
