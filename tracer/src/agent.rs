@@ -788,7 +788,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let watched = agent.adopt_running_processes(trace_all, in_containers.as_ref());
-    if trace_all {
+    if trace_all && config.containers.is_active() {
+        info!(
+            processes = watched,
+            "tracing every process of the selected containers"
+        );
+    } else if trace_all {
         info!("tracing every process on this host");
     } else {
         info!(

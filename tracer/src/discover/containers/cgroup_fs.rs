@@ -68,8 +68,7 @@ pub struct CgroupDir {
 impl CgroupFs {
     /// Finds the cgroup2 mount; None on a cgroup v1-only host.
     pub fn discover() -> Option<Self> {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
-        cgroup2_mount(&mountinfo).map(|root| Self { root })
+        super::host_view::cgroup2_root().map(|root| Self { root })
     }
 
     /// The cgroup id of a path (as `/proc/<pid>/cgroup` prints it).

@@ -7,6 +7,7 @@ pub mod cgroup_fs;
 pub mod cgroup_path;
 pub mod docker_api;
 pub mod filter;
+pub mod host_view;
 pub mod http;
 pub mod kube_client;
 pub mod kubernetes;
