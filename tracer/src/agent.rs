@@ -780,6 +780,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut in_containers = None;
     if let Some(mut w) = watcher.take() {
         let first = w.refresh();
+        for given in w.unmatched_containers() {
+            warn!(
+                container = given,
+                "--container names no running container yet (a name needs the Docker API socket or Kubernetes; an id needs 12+ hex digits); it is picked up when it appears"
+            );
+        }
         let fs = w.cgroup_fs().clone();
         let pids = agent.apply_container_update(&first, &fs);
         in_containers = config.containers.is_active().then_some(pids);

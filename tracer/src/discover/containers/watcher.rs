@@ -324,6 +324,25 @@ impl Watcher {
         }
     }
 
+    /// The `--container` values that name no container seen so far.
+    pub fn unmatched_containers(&self) -> Vec<&str> {
+        self.filter
+            .containers
+            .iter()
+            .filter(|given| {
+                let alone = ContainerFilter {
+                    containers: vec![(*given).clone()],
+                    ..Default::default()
+                };
+                !self
+                    .known
+                    .values()
+                    .any(|k| alone.matches_container(&k.identity, &k.labels))
+            })
+            .map(String::as_str)
+            .collect()
+    }
+
     /// The selection this watcher enforces (with `--cgroup` paths made relative to the
     /// hierarchy).
     pub fn filter(&self) -> &ContainerFilter {
@@ -332,5 +351,96 @@ impl Watcher {
 
     pub fn cgroup_fs(&self) -> &CgroupFs {
         &self.fs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+
+    const A: &str = "aa0000000000000000000000000000000000000000000000000000000000000a";
+    const B: &str = "bb0000000000000000000000000000000000000000000000000000000000000b";
+
+    /// A directory tree shaped like a cgroup2 hierarchy (the walk only needs directories and
+    /// their inode numbers).
+    fn tree(name: &str) -> PathBuf {
+        let root =
+            std::env::temp_dir().join(format!("difytrace-watcher-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for dir in [
+            format!("docker/{A}/sub"),
+            format!("docker/{B}"),
+            "my.slice/job".to_string(),
+            "user.slice".to_string(),
+        ] {
+            std::fs::create_dir_all(root.join(dir)).expect("test tree");
+        }
+        root
+    }
+
+    fn watcher(root: &Path, filter: ContainerFilter) -> Watcher {
+        Watcher::new(CgroupFs { root: root.into() }, filter, None, None)
+    }
+
+    fn paths(dirs: &[CgroupDir]) -> Vec<String> {
+        let mut p: Vec<String> = dirs.iter().map(|d| d.path.clone()).collect();
+        p.sort();
+        p
+    }
+
+    #[test]
+    fn selects_a_container_with_its_sub_cgroups_and_follows_changes() {
+        let root = tree("select");
+        let mut w = watcher(
+            &root,
+            ContainerFilter {
+                containers: vec![A[..12].to_string()],
+                cgroups: vec!["/my.slice".into()],
+                ..Default::default()
+            },
+        );
+        let first = w.refresh();
+        assert_eq!(
+            paths(&first.added),
+            vec![
+                format!("/docker/{A}"),
+                format!("/docker/{A}/sub"),
+                "/my.slice".to_string(),
+                "/my.slice/job".to_string(),
+            ]
+        );
+        assert_eq!(first.identities.len(), 2, "both containers named by id");
+        assert!(w.unmatched_containers().is_empty());
+        // Nothing changed: nothing to say.
+        assert!(w.refresh().is_empty());
+        // A goes away: its cgroups leave the filter, its identity is gone.
+        std::fs::remove_dir_all(root.join(format!("docker/{A}"))).unwrap();
+        let gone = w.refresh();
+        assert_eq!(gone.removed.len(), 2);
+        assert_eq!(gone.gone, vec![A.to_string()]);
+        assert_eq!(w.unmatched_containers(), vec![&A[..12]]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn names_without_an_api_match_nothing() {
+        let root = tree("names");
+        let mut w = watcher(
+            &root,
+            ContainerFilter {
+                containers: vec!["api".into()],
+                ..Default::default()
+            },
+        );
+        let first = w.refresh();
+        assert!(first.added.is_empty());
+        assert_eq!(w.unmatched_containers(), vec!["api"]);
+        // Without a filter or an API to ask there is nothing to walk for.
+        let mut idle = watcher(&root, ContainerFilter::default());
+        assert!(!idle.has_work());
+        assert!(idle.refresh().is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
