@@ -211,6 +211,43 @@ fn container_filter_traces_only_the_named_docker_container() -> Result<()> {
         "container B's files were hooked (A's first pid is {pid_a})\n{}",
         agent.logs(80)
     );
+    drop(agent);
+
+    // Without the runtime's API an id prefix still selects: ids come from the cgroups.
+    let rx = OtlpReceiver::start()?;
+    let agent = Agent::start(&[
+        "--container",
+        &id_a[..12],
+        "--docker-socket",
+        "/nonexistent/docker.sock",
+        "--otlp-endpoint",
+        &rx.grpc_endpoint(),
+    ])?;
+    let prefix_a = format!("/ida-{tag}/");
+    let prefix_b = format!("/idb-{tag}/");
+    for i in 0..5 {
+        http_get(local(port_a), &format!("{prefix_a}{i}"), &[])?;
+        http_get(local(port_b), &format!("{prefix_b}{i}"), &[])?;
+    }
+    let spans = rx
+        .wait_for(|s| paths_with(s, &prefix_a).len() >= 5, SPAN_WAIT)
+        .map_err(|e| agent.annotate(e))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let spans: Vec<_> = rx.spans().into_iter().chain(spans).collect();
+    ensure!(
+        paths_with(&spans, &prefix_b).is_empty(),
+        "container B traced when selecting A by id:\n{}",
+        summarize(&paths_with(&spans, &prefix_b), 10)
+    );
+    for span in paths_with(&spans, &prefix_a) {
+        ensure!(
+            span.res_str("container.id").as_deref() == Some(id_a.as_str())
+                && span.res_str("container.name").is_none(),
+            "by id without the API: container.id {:?}, container.name {:?}",
+            span.res_str("container.id"),
+            span.res_str("container.name")
+        );
+    }
     Ok(())
 }
 
