@@ -831,4 +831,34 @@ mod tests {
         assert_eq!(t.counters.flushed_at_stop, 1);
         assert_eq!((t.traces_held, t.spans_held, t.lines_failed), (0, 0, 0));
     }
+
+    #[test]
+    fn shows_the_container_by_name_else_short_id() {
+        use crate::span::model::ContainerIdentity;
+        let with = |c: ContainerIdentity| {
+            let mut span = span(SpanKind::Server, vec![]);
+            span.resource = Arc::new(ProcessResource {
+                container: Some(Arc::new(c)),
+                ..(*span.resource).clone()
+            });
+            format_span_line(&span)
+        };
+        let id = "5d2e1e6a0f4b".repeat(5) + "abcd";
+        let named = with(ContainerIdentity {
+            id: id.clone(),
+            name: Some("api".into()),
+            ..Default::default()
+        });
+        assert!(named.ends_with(" container=api"), "{named}");
+        let bare = with(ContainerIdentity {
+            id,
+            ..Default::default()
+        });
+        assert!(bare.ends_with(" container=5d2e1e6a0f4b"), "{bare}");
+        let plain = with(ContainerIdentity {
+            cgroup_path: "/my.slice/x".into(),
+            ..Default::default()
+        });
+        assert!(plain.ends_with(" container=/my.slice/x"), "{plain}");
+    }
 }
