@@ -49,11 +49,25 @@ impl Agent {
         Self::start_launched(|bin| Command::new(bin), args, ready_timeout)
     }
 
+    /// As [`Agent::start`], with extra environment variables.
+    pub fn start_with_env<S: AsRef<str>>(args: &[S], env: &[(&str, &str)]) -> Result<Agent> {
+        Self::start_inner(|bin| Command::new(bin), args, env, READY_TIMEOUT)
+    }
+
     /// Like [`Agent::start_with_timeout`], with the command that runs the agent built by
     /// `launcher` from the binary's path (e.g. under capsh); the arguments are appended.
     pub fn start_launched<S: AsRef<str>>(
         launcher: impl FnOnce(&std::path::Path) -> Command,
         args: &[S],
+        ready_timeout: Duration,
+    ) -> Result<Agent> {
+        Self::start_inner(launcher, args, &[], ready_timeout)
+    }
+
+    fn start_inner<S: AsRef<str>>(
+        launcher: impl FnOnce(&std::path::Path) -> Command,
+        args: &[S],
+        env: &[(&str, &str)],
         ready_timeout: Duration,
     ) -> Result<Agent> {
         let bin = agent_binary();
@@ -72,7 +86,8 @@ impl Agent {
             .arg(&ready_file)
             // the agent's own traffic and state stay out of the tests' way
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL");
+            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+            .envs(env.iter().copied());
         if std::env::var_os("RUST_BACKTRACE").is_none() {
             cmd.env("RUST_BACKTRACE", "1");
         }

@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod difystack;
+pub mod docker;
 pub mod goapp;
 pub mod grpc;
 pub mod jaeger;

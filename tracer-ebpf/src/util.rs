@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_cgroup_id},
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -18,6 +18,10 @@ static TRACE_ALL: u8 = 0;
 /// The agent's own tgid: its exports must never be traced.
 #[unsafe(no_mangle)]
 static AGENT_TGID: u32 = 0;
+/// 1 when only tasks whose cgroup (v2 id) is in CGROUP_FILTER are traced (container
+/// selection); 0 keeps the host-wide behaviour without the helper call.
+#[unsafe(no_mangle)]
+static CGROUP_FILTER_ON: u8 = 0;
 /// 1 when user space wants exec events (it matches executables by path).
 #[unsafe(no_mangle)]
 static EMIT_EXEC: u8 = 0;
@@ -156,6 +160,22 @@ pub fn trace_all() -> bool {
 }
 
 #[inline(always)]
+fn cgroup_filter_on() -> bool {
+    // SAFETY: read of a load-time constant; volatile so the compiler keeps the load.
+    unsafe { core::ptr::read_volatile(&CGROUP_FILTER_ON) != 0 }
+}
+
+/// Whether the current task's cgroup is selected (always true without a cgroup filter).
+#[inline(always)]
+fn current_cgroup_selected() -> bool {
+    if !cgroup_filter_on() {
+        return true;
+    }
+    // SAFETY: helper without arguments; the value is only tested for presence.
+    unsafe { CGROUP_FILTER.get(&bpf_get_current_cgroup_id()) }.is_some()
+}
+
+#[inline(always)]
 pub fn emit_exec() -> bool {
     // SAFETY: as above.
     unsafe { core::ptr::read_volatile(&EMIT_EXEC) != 0 }
@@ -188,6 +208,12 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 /// from a process, and thread entries are removed when the thread exits).
 #[map]
 pub static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED, 0);
+
+/// Cgroup v2 ids (a container's cgroup and its descendants) whose tasks may be traced, when
+/// CGROUP_FILTER_ON. Kept current by user space as containers come and go.
+#[map]
+pub static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SELECTED_CGROUPS, 0);
+const MAX_SELECTED_CGROUPS: u32 = 16384;
 
 /// Command names whose exec makes a process watched.
 #[map]
@@ -260,7 +286,7 @@ pub fn bump(index: u32) {
 pub fn current_if_watched() -> Option<(u64, u32)> {
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
-    if tgid == agent_tgid() {
+    if tgid == agent_tgid() || !current_cgroup_selected() {
         return None;
     }
     if trace_all() {

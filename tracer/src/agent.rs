@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::Config,
     discover::{
+        containers::{self, ContainerTable},
         go_binaries::{GoBinaries, Inspected},
         gobin::GoVersion,
         naming,
@@ -81,6 +82,8 @@ pub struct ProcessCache {
     /// first in `fork_order`; bounded by MAX_FORKS.
     forks: HashMap<u32, u32>,
     fork_order: std::collections::VecDeque<u32>,
+    /// Container identities (resource attributes).
+    pub containers: ContainerTable,
 }
 
 /// Forks remembered for naming children that are gone before they were named.
@@ -94,6 +97,7 @@ impl ProcessCache {
             known: HashMap::new(),
             forks: HashMap::new(),
             fork_order: std::collections::VecDeque::new(),
+            containers: ContainerTable::default(),
         }
     }
 
@@ -176,6 +180,7 @@ impl ProcessCache {
             pid: tgid,
             executable_name,
             host_name: self.host_name.clone(),
+            container: self.containers.identity_of_pid(tgid),
         })
     }
 
@@ -191,6 +196,22 @@ impl ProcessCache {
 
     fn forget(&mut self, tgid: u32) {
         self.known.remove(&tgid);
+    }
+
+    /// Processes named before their container's names were known get them now.
+    fn relabel_containers(&mut self) {
+        for resource in self.known.values_mut() {
+            if let Some(c) = &resource.container
+                && let Some(better) = self.containers.by_id(&c.id)
+                && !c.id.is_empty()
+                && better != c
+            {
+                *resource = Arc::new(ProcessResource {
+                    container: Some(better.clone()),
+                    ..(**resource).clone()
+                });
+            }
+        }
     }
 }
 
@@ -842,7 +863,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     crate::probes::check_kernel()?;
     let selection = config.selection.clone();
     let trace_all = selection.is_everything();
+    let mut watcher = container_watcher(&config)?;
     let kernel_selection = KernelSelection {
+        cgroup_filter: config.containers.is_active(),
         trace_all,
         comms: selection.comms.clone(),
         emit_exec: !selection.exes.is_empty(),
@@ -923,8 +946,38 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         tokio::spawn(server::serve(listener, scrape_tx.clone()));
     }
-    let watched = agent.adopt_running_processes(trace_all);
-    if trace_all {
+    agent.procs.containers = ContainerTable::new(
+        watcher
+            .as_ref()
+            .map(|w| w.filter().cgroups.clone())
+            .unwrap_or_default(),
+    );
+    // The containers that run now, before adoption: with a container filter, only their
+    // processes are adopted.
+    let mut container_updates = None;
+    let mut in_containers = None;
+    if let Some(mut w) = watcher.take() {
+        let first = w.refresh();
+        for given in w.unmatched_containers() {
+            warn!(
+                container = given,
+                "--container names no running container yet (a name needs the Docker API socket or Kubernetes; an id needs 12+ hex digits); it is picked up when it appears"
+            );
+        }
+        let fs = w.cgroup_fs().clone();
+        let pids = agent.apply_container_update(&first, &fs);
+        in_containers = config.containers.is_active().then_some(pids);
+        if w.has_work() {
+            container_updates = Some((containers::spawn(w)?, fs));
+        }
+    }
+    let watched = agent.adopt_running_processes(trace_all, in_containers.as_ref());
+    if trace_all && config.containers.is_active() {
+        info!(
+            processes = watched,
+            "tracing every process of the selected containers"
+        );
+    } else if trace_all {
         info!("tracing every process on this host");
     } else {
         info!(
@@ -982,6 +1035,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 next_drain = tokio::time::Instant::now() + drain_period;
             }
             Some(inspected) = go_inspected.recv() => agent.on_inspected(inspected),
+            Some((update, fs)) = next_container_update(&mut container_updates) => {
+                let pids = agent.apply_container_update(&update, fs);
+                if !pids.is_empty() {
+                    agent.adopt_running_processes(trace_all, Some(&pids));
+                }
+            }
             _ = housekeeping.tick() => agent.tick(),
             _ = native_rescan.tick() => agent.rescan_native(),
             _ = stats.tick() => agent.log_stats(),
@@ -1019,7 +1078,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 impl Agent {
     /// Watches the running processes the selection names (and their descendants) and seeds
     /// their open sockets, so connections from before the agent started are traced too.
-    fn adopt_running_processes(&mut self, trace_all: bool) -> usize {
+    /// `only`, when given, limits adoption to those processes (the ones in selected
+    /// containers).
+    fn adopt_running_processes(
+        &mut self,
+        trace_all: bool,
+        only: Option<&std::collections::HashSet<u32>>,
+    ) -> usize {
         let procs: Vec<procfs::ProcFacts> = procfs::all_pids()
             .into_iter()
             .filter_map(procfs::read_process)
@@ -1034,8 +1099,15 @@ impl Agent {
                 .filter(|t| *t != me)
                 .collect()
         };
+        let chosen: Vec<u32> = match only {
+            Some(only) => chosen.into_iter().filter(|t| only.contains(t)).collect(),
+            None => chosen,
+        };
         let mut seeded = 0usize;
-        let mut next_conn_id = SEEDED_CONN_ID_BASE;
+        // Adoption runs again for containers that appear later: generations never repeat.
+        static SEEDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut next_conn_id =
+            SEEDED_CONN_ID_BASE + SEEDED.load(std::sync::atomic::Ordering::Relaxed);
         let mut tables: HashMap<String, HashMap<u64, procfs::TcpSocket>> = HashMap::new();
         let now = monotonic_ns();
         for &tgid in &chosen {
@@ -1097,10 +1169,108 @@ impl Agent {
                 seeded += 1;
             }
         }
+        SEEDED.store(
+            next_conn_id - SEEDED_CONN_ID_BASE,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if seeded >= MAX_SEEDED_SOCKETS {
             warn!(seeded, "not every pre-existing socket was seeded");
         }
         debug!(seeded, "pre-existing sockets seeded");
         chosen.len()
+    }
+}
+
+/// The container watcher, when anything about containers can be learned or must be
+/// enforced; an error only when container flags were given and cannot work here.
+fn container_watcher(config: &Config) -> anyhow::Result<Option<containers::Watcher>> {
+    let filter = &config.containers;
+    let Some(fs) = containers::cgroup_fs::CgroupFs::discover() else {
+        if filter.is_active() {
+            anyhow::bail!(
+                "--container/--cgroup/--k8s-* need a cgroup2 hierarchy (pure v2 or hybrid), and this host has none mounted"
+            );
+        }
+        debug!("no cgroup2 mount: containers are known from /proc/<pid>/cgroup only");
+        return Ok(None);
+    };
+    let mut filter = filter.clone();
+    filter.cgroups = filter.cgroups.iter().map(|c| fs.user_path(c)).collect();
+    for cgroup in &filter.cgroups {
+        if fs.id_of(cgroup).is_none() {
+            warn!(%cgroup, root = %fs.root.display(), "--cgroup names no cgroup (yet): it is picked up when it appears");
+        }
+    }
+    let docker = containers::docker_api::DockerApi::new(&config.docker_socket);
+    if docker.present() {
+        info!(socket = %config.docker_socket.display(), "container names from the Docker API");
+    } else {
+        debug!(socket = %config.docker_socket.display(), "no Docker API socket: containers are known by id");
+    }
+    let kube =
+        match containers::kube_client::KubeSource::in_cluster(config.k8s_node_name.as_deref()) {
+            Ok(kube) => kube,
+            Err(err) => {
+                warn!("no Kubernetes metadata: {err:#}");
+                None
+            }
+        };
+    if filter.wants_kubernetes() && kube.is_none() {
+        warn!(
+            "--k8s-namespace/--k8s-pod-label given, but no Kubernetes API is reachable (not in a pod?): they select nothing"
+        );
+    }
+    if filter.is_active() {
+        info!(filter = ?filter, cgroup2 = %fs.root.display(), "tracing only the selected containers");
+    }
+    Ok(Some(containers::Watcher::new(
+        fs,
+        filter,
+        Some(docker),
+        kube,
+    )))
+}
+
+/// The next container update, or never when there is no watcher.
+async fn next_container_update(
+    updates: &mut Option<(
+        tokio::sync::mpsc::UnboundedReceiver<containers::Update>,
+        containers::cgroup_fs::CgroupFs,
+    )>,
+) -> Option<(containers::Update, &containers::cgroup_fs::CgroupFs)> {
+    match updates {
+        Some((rx, fs)) => rx.recv().await.map(|u| (u, &*fs)),
+        None => std::future::pending().await,
+    }
+}
+
+impl Agent {
+    /// Applies what the container watcher found: identities for resources, and the cgroups
+    /// the kernel filter lets through. Returns the processes now in newly selected cgroups.
+    fn apply_container_update(
+        &mut self,
+        update: &containers::Update,
+        fs: &containers::cgroup_fs::CgroupFs,
+    ) -> std::collections::HashSet<u32> {
+        for id in &update.gone {
+            self.procs.containers.forget(id);
+        }
+        if self.procs.containers.learn(&update.identities) {
+            self.procs.relabel_containers();
+        }
+        for &id in &update.removed {
+            self.probes.unselect_cgroup(id);
+        }
+        let mut pids = std::collections::HashSet::new();
+        for dir in &update.added {
+            match self.probes.select_cgroup(dir.id) {
+                Ok(()) => {
+                    debug!(cgroup = %dir.path, id = dir.id, "cgroup selected");
+                    pids.extend(fs.procs(&dir.path));
+                }
+                Err(err) => warn!("{err:#}"),
+            }
+        }
+        pids
     }
 }

@@ -30,6 +30,28 @@ pub struct Cli {
     /// Trace processes running this executable (full path, or a file name) (repeatable).
     #[arg(long = "exe")]
     pub exes: Vec<String>,
+    /// Trace only this container: a name (Docker/podman, or a Kubernetes container name,
+    /// `pod/container`, `namespace/pod/container`) or an id prefix of 12+ hex digits
+    /// (repeatable). Enforced in the kernel by cgroup; containers started later are picked up.
+    #[arg(long = "container", value_name = "ID|NAME")]
+    pub containers: Vec<String>,
+    /// Trace only processes in this cgroup v2 directory or below it: a path relative to the
+    /// cgroup2 mount (`/my.slice/x`) or the full directory (repeatable).
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<String>,
+    /// Trace only pods of this Kubernetes namespace (repeatable).
+    #[arg(long = "k8s-namespace", value_name = "NS")]
+    pub k8s_namespaces: Vec<String>,
+    /// Trace only pods carrying this label (repeatable; all must match).
+    #[arg(long = "k8s-pod-label", value_name = "KEY=VALUE")]
+    pub k8s_pod_labels: Vec<String>,
+    /// This node's name, for listing its pods (Kubernetes metadata).
+    #[arg(long, env = "K8S_NODE_NAME")]
+    pub k8s_node_name: Option<String>,
+    /// Docker Engine API socket (also podman's compatible one), for container names and
+    /// images; optional.
+    #[arg(long, default_value = "/var/run/docker.sock")]
+    pub docker_socket: PathBuf,
     /// OTLP endpoint, e.g. http://127.0.0.1:4317 (gRPC) or http://127.0.0.1:4318 (HTTP).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 
 use crate::{
     cli::{Cli, OtlpProtocol},
-    discover::{naming::NameRule, selection::Selection},
+    discover::{containers::ContainerFilter, naming::NameRule, selection::Selection},
 };
 
 #[derive(Debug, Clone)]
@@ -34,6 +34,10 @@ pub struct Config {
     pub metrics_interval_secs: u64,
     /// Most series per metric.
     pub metrics_max_series: usize,
+    /// Container selection (kernel filter by cgroup).
+    pub containers: ContainerFilter,
+    pub docker_socket: PathBuf,
+    pub k8s_node_name: Option<String>,
 }
 
 impl Config {
@@ -44,6 +48,16 @@ impl Config {
             .map(|s| s.parse::<NameRule>())
             .collect::<Result<Vec<_>, _>>()
             .context("parsing --service-name")?;
+        let k8s_labels = cli
+            .k8s_pod_labels
+            .iter()
+            .map(|l| crate::discover::containers::kubernetes::parse_label(l))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)
+            .context("parsing --k8s-pod-label")?;
+        if let Some(empty) = cli.containers.iter().find(|c| c.trim().is_empty()) {
+            anyhow::bail!("--container needs a name or id, got {empty:?}");
+        }
         let otlp_endpoint = cli.otlp_endpoint.clone().filter(|e| !e.trim().is_empty());
         Ok(Self {
             selection: Selection {
@@ -65,6 +79,14 @@ impl Config {
             metrics_addr: cli.metrics_addr,
             metrics_interval_secs: cli.metrics_interval,
             metrics_max_series: cli.metrics_max_series,
+            containers: ContainerFilter {
+                containers: cli.containers.clone(),
+                cgroups: cli.cgroups.clone(),
+                k8s_namespaces: cli.k8s_namespaces.clone(),
+                k8s_labels,
+            },
+            docker_socket: cli.docker_socket.clone(),
+            k8s_node_name: cli.k8s_node_name.clone().filter(|n| !n.trim().is_empty()),
         })
     }
 }

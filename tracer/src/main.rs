@@ -23,6 +23,8 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(check::run());
     }
     let config = Config::from_cli(&cli)?;
+    // Before any thread starts (a namespace change applies to the calling thread only).
+    tracer::discover::containers::host_view::join_host_cgroup_namespace();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

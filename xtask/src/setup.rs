@@ -34,6 +34,12 @@ const APT_PACKAGES: &[&str] = &[
     "libcap2-bin",
     // the TLS tests' self-signed certificate
     "openssl",
+    // Container tests: a private dockerd, and the Debian Python files its test image is
+    // built from (tests/src/docker.rs).
+    "docker.io",
+    "python3-flask",
+    "gunicorn",
+    "python3-gevent",
 ];
 /// Pinned so a CI run tomorrow tests against the same servers as today.
 const PYTHON_PACKAGES: &[&str] = &[

@@ -1,5 +1,6 @@
 //! Which processes to watch, and what they are: /proc scans, exec/exit events, service names.
 
+pub mod containers;
 pub mod go_binaries;
 pub mod gobin;
 pub mod naming;

@@ -67,6 +67,10 @@ pub fn format_span_line(span: &FinishedSpan) -> String {
         line.push_str(" peer=");
         push_token(&mut line, &peer);
     }
+    if let Some(container) = &span.resource.container {
+        line.push_str(" container=");
+        push_token(&mut line, container_label(container));
+    }
     if let Some(session) = span.attr("dify.plugin.session_id") {
         line.push_str(" session=");
         push_token(&mut line, &attr_text(session));
@@ -77,6 +81,18 @@ pub fn format_span_line(span: &FinishedSpan) -> String {
         let _ = write!(line, " error=\"{}\"", short.escape_debug());
     }
     line
+}
+
+/// A container's name, else its short id, else (a plain cgroup) its cgroup path.
+fn container_label(c: &crate::span::model::ContainerIdentity) -> &str {
+    if let Some(k8s) = &c.k8s {
+        return &k8s.pod_name;
+    }
+    match &c.name {
+        Some(name) => name,
+        None if !c.id.is_empty() => c.id.get(..12).unwrap_or(&c.id),
+        None => &c.cgroup_path,
+    }
 }
 
 /// `SERVER app GET /hello 200`: kind, service, method and path (or the two words of the
@@ -582,6 +598,7 @@ mod tests {
                 pid: 1234,
                 executable_name: "python3".into(),
                 host_name: "node-1".into(),
+                container: None,
             }),
         }
     }
@@ -809,5 +826,35 @@ mod tests {
         assert_eq!(t.counters.single_span_traces, 1);
         assert_eq!(t.counters.flushed_at_stop, 1);
         assert_eq!((t.traces_held, t.spans_held, t.lines_failed), (0, 0, 0));
+    }
+
+    #[test]
+    fn shows_the_container_by_name_else_short_id() {
+        use crate::span::model::ContainerIdentity;
+        let with = |c: ContainerIdentity| {
+            let mut span = span(SpanKind::Server, vec![]);
+            span.resource = Arc::new(ProcessResource {
+                container: Some(Arc::new(c)),
+                ..(*span.resource).clone()
+            });
+            format_span_line(&span)
+        };
+        let id = "5d2e1e6a0f4b".repeat(5) + "abcd";
+        let named = with(ContainerIdentity {
+            id: id.clone(),
+            name: Some("api".into()),
+            ..Default::default()
+        });
+        assert!(named.ends_with(" container=api"), "{named}");
+        let bare = with(ContainerIdentity {
+            id,
+            ..Default::default()
+        });
+        assert!(bare.ends_with(" container=5d2e1e6a0f4b"), "{bare}");
+        let plain = with(ContainerIdentity {
+            cgroup_path: "/my.slice/x".into(),
+            ..Default::default()
+        });
+        assert!(plain.ends_with(" container=/my.slice/x"), "{plain}");
     }
 }

@@ -654,6 +654,7 @@ mod tests {
                 pid: 1,
                 executable_name: "python3".into(),
                 host_name: "h".into(),
+                container: None,
             }),
         }
     }

@@ -194,6 +194,7 @@ pub(super) fn resource(service: &str, pid: u32) -> Arc<ProcessResource> {
         pid,
         executable_name: format!("{service}-bin"),
         host_name: "test-host".into(),
+        container: None,
     })
 }
 

@@ -50,6 +50,8 @@ pub struct KernelSelection {
     pub nginx: bool,
     /// TLS plaintext uprobes (OpenSSL, Go crypto/tls).
     pub tls: bool,
+    /// Only tasks in the cgroups user space puts in CGROUP_FILTER are traced (containers).
+    pub cgroup_filter: bool,
 }
 
 /// The kernel struct offsets for walking an fd to its inode (pipes) and to its socket's
@@ -90,6 +92,7 @@ pub struct Probes {
     watched: BpfHashMap<MapData, u32, u8>,
     sockets: BpfHashMap<MapData, u64, SockInfo>,
     counters: PerCpuArray<MapData, u64>,
+    cgroup_filter: BpfHashMap<MapData, u64, u8>,
     /// `tracer_common::feature` bits the kernel side was loaded with.
     features: u32,
     /// (name, kernel id) of every hash map, for counting their entries (self-telemetry).
@@ -109,6 +112,7 @@ impl Probes {
                 .context("reading the sched_process_fork record layout")?;
         let trace_all = u8::from(selection.trace_all);
         let emit_exec = u8::from(selection.emit_exec);
+        let cgroup_filter_on = u8::from(selection.cgroup_filter);
         let agent_tgid = std::process::id();
         let (walk, sock) = kernel_offsets();
         let mut features = 0u32;
@@ -135,6 +139,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("EMIT_EXEC", &emit_exec, true)
+            .override_global("CGROUP_FILTER_ON", &cgroup_filter_on, true)
             .override_global("AGENT_TGID", &agent_tgid, true)
             .override_global("FORK_CHILD_PID_OFFSET", &fork_child_pid_offset, true)
             .override_global("FEATURES", &features, true)
@@ -174,6 +179,10 @@ impl Probes {
         let watched = BpfHashMap::try_from(ebpf.take_map("WATCHED").context("map WATCHED")?)?;
         let sockets = BpfHashMap::try_from(ebpf.take_map("SOCKETS").context("map SOCKETS")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS")?)?;
+        let cgroup_filter = BpfHashMap::try_from(
+            ebpf.take_map("CGROUP_FILTER")
+                .context("map CGROUP_FILTER")?,
+        )?;
         info!(
             programs = attached,
             ring_fd = ring.as_raw_fd(),
@@ -201,6 +210,7 @@ impl Probes {
             watched,
             sockets,
             counters,
+            cgroup_filter,
             features,
             map_ids,
         })
@@ -289,6 +299,18 @@ impl Probes {
     /// Drops the kernel's entry for a socket of a process that exited.
     pub fn forget_socket(&mut self, tgid: u32, fd: i32) {
         let _ = self.sockets.remove(&sock_key(tgid, fd));
+    }
+
+    /// Lets the tasks of a cgroup through the kernel's container filter.
+    pub fn select_cgroup(&mut self, cgroup_id: u64) -> anyhow::Result<()> {
+        self.cgroup_filter
+            .insert(&cgroup_id, &1, 0)
+            .with_context(|| format!("selecting cgroup {cgroup_id} (map full?)"))
+    }
+
+    /// Takes a cgroup out of the kernel's container filter.
+    pub fn unselect_cgroup(&mut self, cgroup_id: u64) {
+        let _ = self.cgroup_filter.remove(&cgroup_id);
     }
 
     /// Number of entries in the watched map (for self-statistics).

@@ -299,6 +299,7 @@ mod tests {
                 pid: 7,
                 executable_name: "python".into(),
                 host_name: "h".into(),
+                container: None,
             }),
         }
     }

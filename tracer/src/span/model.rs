@@ -26,6 +26,36 @@ pub struct ProcessResource {
     pub pid: u32,
     pub executable_name: String,
     pub host_name: String,
+    /// The container (or selected cgroup) the process runs in; None on the host.
+    pub container: Option<Arc<ContainerIdentity>>,
+}
+
+/// Where a process runs when it runs in a container: what its cgroup says (id, runtime) and,
+/// when reachable, what the container runtime and Kubernetes say. Every field may be missing
+/// but the cgroup's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ContainerIdentity {
+    /// Full container id (64 hex digits); empty for a plain cgroup selected with `--cgroup`.
+    pub id: String,
+    /// `docker`, `containerd`, `cri-o`, `podman`, `kubernetes` (a bare id in a pod cgroup).
+    pub runtime: Option<&'static str>,
+    /// The cgroup v2 path (as `/proc/<pid>/cgroup` prints it) of the container or cgroup.
+    pub cgroup_path: String,
+    pub name: Option<String>,
+    /// Image name without tag or digest.
+    pub image_name: Option<String>,
+    pub image_tag: Option<String>,
+    pub k8s: Option<K8sIdentity>,
+}
+
+/// The Kubernetes view of a container.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct K8sIdentity {
+    pub pod_name: String,
+    pub pod_uid: String,
+    pub namespace: String,
+    pub container_name: String,
+    pub node_name: String,
 }
 
 /// Span status.

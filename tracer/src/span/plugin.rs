@@ -792,6 +792,7 @@ mod tests {
                     pid,
                     executable_name: "x".into(),
                     host_name: "h".into(),
+                    container: None,
                 })
             };
             self.sessions.on_line(
@@ -813,6 +814,7 @@ mod tests {
                     pid,
                     executable_name: "x".into(),
                     host_name: "h".into(),
+                    container: None,
                 })
             };
             self.sessions

@@ -265,6 +265,7 @@ mod tests {
                 pid: 1,
                 executable_name: "python".into(),
                 host_name: "h".into(),
+                container: None,
             }),
         }
     }

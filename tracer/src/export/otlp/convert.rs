@@ -15,7 +15,9 @@ use opentelemetry_sdk::{
     trace::{SpanData, SpanEvents, SpanLinks},
 };
 
-use crate::span::model::{AttrValue, FinishedSpan, ProcessResource, SpanKind, SpanStatus};
+use crate::span::model::{
+    AttrValue, ContainerIdentity, FinishedSpan, ProcessResource, SpanKind, SpanStatus,
+};
 
 /// The OTel resource of one traced process.
 pub(crate) fn otel_resource(p: &ProcessResource) -> Resource {
@@ -38,6 +40,9 @@ pub(crate) fn otel_resource(p: &ProcessResource) -> Resource {
     if !p.host_name.is_empty() {
         attrs.push(KeyValue::new("host.name", p.host_name.clone()));
     }
+    if let Some(container) = &p.container {
+        push_container(&mut attrs, container);
+    }
     // OTEL_RESOURCE_ATTRIBUTES adds deployment-wide facts (cluster, environment); what we know
     // about the process comes later and wins. OTEL_SERVICE_NAME is deliberately not applied:
     // one agent exports many services.
@@ -45,6 +50,51 @@ pub(crate) fn otel_resource(p: &ProcessResource) -> Resource {
         .with_detector(Box::new(EnvResourceDetector::new()))
         .with_attributes(attrs)
         .build()
+}
+
+/// `container.*` and `k8s.*` resource attributes, as far as they are known.
+fn push_container(attrs: &mut Vec<KeyValue>, c: &ContainerIdentity) {
+    if !c.id.is_empty() {
+        attrs.push(KeyValue::new("container.id", c.id.clone()));
+    }
+    if let Some(runtime) = c.runtime {
+        attrs.push(KeyValue::new("container.runtime.name", runtime));
+    }
+    let optional = [
+        ("container.name", &c.name),
+        ("container.image.name", &c.image_name),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            attrs.push(KeyValue::new(key, value.clone()));
+        }
+    }
+    if let Some(tag) = &c.image_tag {
+        attrs.push(KeyValue::new(
+            "container.image.tags",
+            Value::Array(vec![StringValue::from(tag.clone())].into()),
+        ));
+    }
+    if c.id.is_empty() {
+        // A plain cgroup selected with --cgroup: its path is all there is to say.
+        attrs.push(KeyValue::new(
+            "difytrace.cgroup.path",
+            c.cgroup_path.clone(),
+        ));
+    }
+    if let Some(k8s) = &c.k8s {
+        for (key, value) in [
+            ("k8s.pod.name", &k8s.pod_name),
+            ("k8s.pod.uid", &k8s.pod_uid),
+            ("k8s.namespace.name", &k8s.namespace),
+            ("k8s.container.name", &k8s.container_name),
+            ("k8s.node.name", &k8s.node_name),
+        ] {
+            if !value.is_empty() {
+                attrs.push(KeyValue::new(key, value.clone()));
+            }
+        }
+    }
 }
 
 /// The instrumentation scope every exported span carries.
@@ -118,4 +168,72 @@ fn key_value((key, value): (String, AttrValue)) -> KeyValue {
         AttrValue::F64(f) => Value::F64(f),
     };
     KeyValue::new(key, value)
+}
+
+#[cfg(test)]
+mod container_tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::span::model::K8sIdentity;
+
+    fn resource_attrs(container: Option<ContainerIdentity>) -> Vec<(String, String)> {
+        let r = otel_resource(&ProcessResource {
+            service_name: "api".into(),
+            pid: 7,
+            executable_name: "python3".into(),
+            host_name: "node-1".into(),
+            container: container.map(Arc::new),
+        });
+        r.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn container_and_pod_attributes() {
+        let id = "5d2e1e6a0f4b4c8e9a7d3b2c1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e";
+        let attrs = resource_attrs(Some(ContainerIdentity {
+            id: id.into(),
+            runtime: Some("containerd"),
+            cgroup_path: format!("/kubepods/pod1/{id}"),
+            name: None,
+            image_name: Some("langgenius/dify-api".into()),
+            image_tag: Some("1.4.0".into()),
+            k8s: Some(K8sIdentity {
+                pod_name: "api-0".into(),
+                pod_uid: "u-1".into(),
+                namespace: "dify".into(),
+                container_name: "api".into(),
+                node_name: "node-1".into(),
+            }),
+        }));
+        let get = |k: &str| {
+            attrs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("container.id"), Some(id));
+        assert_eq!(get("container.runtime.name"), Some("containerd"));
+        assert_eq!(get("container.image.name"), Some("langgenius/dify-api"));
+        assert_eq!(get("container.name"), None, "unknown, so absent");
+        assert_eq!(get("k8s.pod.name"), Some("api-0"));
+        assert_eq!(get("k8s.pod.uid"), Some("u-1"));
+        assert_eq!(get("k8s.namespace.name"), Some("dify"));
+        assert_eq!(get("k8s.container.name"), Some("api"));
+        assert_eq!(get("k8s.node.name"), Some("node-1"));
+        assert_eq!(get("difytrace.cgroup.path"), None);
+        let plain = resource_attrs(Some(ContainerIdentity {
+            cgroup_path: "/my.slice/x".into(),
+            ..Default::default()
+        }));
+        assert!(plain.iter().all(|(k, _)| k != "container.id"));
+        assert!(plain.contains(&("difytrace.cgroup.path".into(), "/my.slice/x".into())));
+        let host = resource_attrs(None);
+        assert!(
+            host.iter()
+                .all(|(k, _)| !k.starts_with("container.") && !k.starts_with("k8s."))
+        );
+    }
 }

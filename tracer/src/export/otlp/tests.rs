@@ -38,6 +38,7 @@ fn sample() -> FinishedSpan {
             pid: 42,
             executable_name: "sandbox".into(),
             host_name: "node-1".into(),
+            container: None,
         }),
     }
 }
@@ -136,6 +137,7 @@ fn resource_attributes() {
         pid: 1,
         executable_name: "gunicorn".into(),
         host_name: String::new(),
+        container: None,
     });
     assert_eq!(
         nameless.get(&Key::from_static_str("service.name")),

@@ -818,6 +818,7 @@ mod tests {
                 pid: tgid,
                 executable_name: "grpcfixture".into(),
                 host_name: "h".into(),
+                container: None,
             })
         }
     }

@@ -974,6 +974,7 @@ mod tests {
                 pid: tgid,
                 executable_name: "python3".into(),
                 host_name: "h".into(),
+                container: None,
             })
         }
     }

@@ -1,0 +1,664 @@
+//! Container selection and identity with real containers. A private dockerd (Debian's
+//! docker.io) runs two containers of an image built from Debian's python3, gunicorn, flask and
+//! gevent (no registry), each serving HTTP on its own loopback port (host network). The agent
+//! started with `--container <one of them>` traces that one only, its spans carry
+//! `container.id` and `container.name`, and its greenlet hooks attach through
+//! `/proc/<pid>/root` (the image keeps its packages at a path the host does not have). A
+//! plain cgroup with its own pid namespace (unshare) is selected with `--cgroup`.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use common::*;
+use difytrace_tests::{
+    agent::Agent,
+    docker::{Dockerd, IMAGE_PYTHONPATH, Unavailable},
+    goapp::{self, GoApp, GoTool},
+    otlp_receiver::{OtlpReceiver, ReceivedSpan, summarize},
+    procs::{Proc, free_port, http_get, local, wait_port, wait_port_of},
+    python::python,
+};
+
+/// The app both containers serve.
+const APP: &str = r#"
+import os
+from flask import Flask
+app = Flask(__name__)
+
+@app.route("/<path:p>")
+def any_path(p):
+    return "ok %s\n" % p, 200, {"X-Worker-Pid": str(os.getpid())}
+"#;
+
+const IMAGE: &str = "difytrace-test:1";
+
+fn dockerd_or_skip(test: &str) -> Option<Dockerd> {
+    match Dockerd::start() {
+        Ok(d) => Some(d),
+        Err(Unavailable(why)) => {
+            difytrace_tests::prerequisite_missing(test, &[format!("a working dockerd ({why})")])
+        }
+    }
+}
+
+/// `docker run` of the app on `port` with one gevent worker.
+fn run_app(dk: &mut Dockerd, name: &str, port: u16) -> Result<String> {
+    let bind = format!("127.0.0.1:{port}");
+    let env = format!("PYTHONPATH={IMAGE_PYTHONPATH}");
+    dk.run(
+        name,
+        &[
+            "-e",
+            &env,
+            "-w",
+            "/opt/app",
+            IMAGE,
+            "/usr/bin/python3",
+            "-m",
+            "gunicorn",
+            "-k",
+            "gevent",
+            "-w",
+            "1",
+            "-b",
+            &bind,
+            "app:app",
+        ],
+    )
+}
+
+fn wait_serving(dk: &Dockerd, name: &str, port: u16) -> Result<()> {
+    wait_port(local(port), Duration::from_secs(60))
+        .with_context(|| format!("container {name} not serving; its log:\n{}", dk.logs(name)))
+}
+
+fn paths_with(spans: &[ReceivedSpan], prefix: &str) -> Vec<ReceivedSpan> {
+    spans
+        .iter()
+        .filter(|s| {
+            s.attr_str("url.path")
+                .is_some_and(|p| p.starts_with(prefix))
+        })
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn container_filter_traces_only_the_named_docker_container() -> Result<()> {
+    let test = "container_filter_traces_only_the_named_docker_container";
+    let Some(_e2e) = difytrace_tests::e2e(test) else {
+        return Ok(());
+    };
+    let Some(mut dk) = dockerd_or_skip(test) else {
+        return Ok(());
+    };
+    dk.build_python_image(IMAGE, APP, &[])?;
+    let tag = random_hex(8);
+    let (name_a, name_b) = (format!("dt-a-{tag}"), format!("dt-b-{tag}"));
+    let (port_a, port_b) = (free_port(), free_port());
+    // B runs before the agent, A starts after it: both the containers found at start and
+    // the ones that appear later must be handled.
+    run_app(&mut dk, &name_b, port_b)?;
+    wait_serving(&dk, &name_b, port_b)?;
+    let rx = OtlpReceiver::start()?;
+    let socket = dk.socket().to_string_lossy().into_owned();
+    let agent = Agent::start(&[
+        "--container",
+        &name_a,
+        "--docker-socket",
+        &socket,
+        "--otlp-endpoint",
+        &rx.grpc_endpoint(),
+    ])?;
+    let id_a = run_app(&mut dk, &name_a, port_a)?;
+    wait_serving(&dk, &name_a, port_a)?;
+    let id_b = dk.docker(&["inspect", "--format", "{{.Id}}", &name_b])?;
+
+    // The container's cgroup enters the kernel filter within a refresh of its start: ask
+    // until A's first request is traced.
+    let a_prefix = format!("/a-{tag}/");
+    let b_prefix = format!("/b-{tag}/");
+    let deadline = Instant::now() + SPAN_WAIT;
+    let mut n = 0;
+    loop {
+        n += 1;
+        http_get(local(port_a), &format!("{a_prefix}warm{n}"), &[])?;
+        http_get(local(port_b), &format!("{b_prefix}warm{n}"), &[])?;
+        if !paths_with(&rx.spans(), &a_prefix).is_empty() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no span from container A ({name_a}) after {n} requests\n{}",
+            agent.logs(80)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for i in 0..10 {
+        let ra = http_get(local(port_a), &format!("{a_prefix}{i}"), &[])?;
+        let rb = http_get(local(port_b), &format!("{b_prefix}{i}"), &[])?;
+        ensure!(ra.status == 200 && rb.status == 200, "{ra:?} {rb:?}");
+    }
+    let spans = rx
+        .wait_for(
+            |s| {
+                (0..10).all(|i| {
+                    let p = format!("{a_prefix}{i}");
+                    s.iter()
+                        .any(|x| x.attr_str("url.path").as_deref() == Some(&p))
+                })
+            },
+            SPAN_WAIT,
+        )
+        .map_err(|e| agent.annotate(e))?;
+    // B's spans would have been exported with A's; give stragglers a moment anyway.
+    std::thread::sleep(Duration::from_secs(2));
+    let spans = rx.spans().into_iter().chain(spans).collect::<Vec<_>>();
+    let from_b = paths_with(&spans, &b_prefix);
+    ensure!(
+        from_b.is_empty(),
+        "container B ({name_b}) was traced:\n{}",
+        summarize(&from_b, 10)
+    );
+    let from_a = paths_with(&spans, &a_prefix);
+    ensure!(from_a.len() >= 10, "{}", summarize(&spans, 40));
+    for span in &spans {
+        // Nothing outside A is traced at all (the test process, B, the host).
+        ensure!(
+            span.res_str("container.id").as_deref() == Some(id_a.as_str()),
+            "span without A's container.id {id_a} (B is {id_b}): {}\nresource: {:?}",
+            span.summary(),
+            span.res_str("container.id")
+        );
+        ensure!(
+            span.res_str("container.name").as_deref() == Some(name_a.as_str()),
+            "span without container.name {name_a}: {} (container.name {:?})",
+            span.summary(),
+            span.res_str("container.name")
+        );
+        ensure!(
+            span.res_str("container.image.name").as_deref() == Some("difytrace-test"),
+            "container.image.name: {:?}",
+            span.res_str("container.image.name")
+        );
+        ensure!(
+            span.res_str("container.runtime.name").as_deref() == Some("docker"),
+            "container.runtime.name: {:?}",
+            span.res_str("container.runtime.name")
+        );
+    }
+    // The gevent worker's greenlet module exists only inside the image: hooked through the
+    // container's root.
+    let log = agent.stderr();
+    let hooked = log.lines().any(|l| {
+        l.contains("native uprobes attached")
+            && l.contains("/root/opt/difytrace-py/greenlet/_greenlet")
+            && l.contains("/proc/")
+    });
+    ensure!(
+        hooked,
+        "greenlet of container A not hooked through /proc/<pid>/root:\n{}",
+        agent.logs(80)
+    );
+    let pid_a = dk.pid_of(&name_a)?;
+    ensure!(
+        !log.contains(&format!("/proc/{}/root", dk.pid_of(&name_b)?)),
+        "container B's files were hooked (A's first pid is {pid_a})\n{}",
+        agent.logs(80)
+    );
+    drop(agent);
+
+    // Without the runtime's API an id prefix still selects: ids come from the cgroups.
+    let rx = OtlpReceiver::start()?;
+    let agent = Agent::start(&[
+        "--container",
+        &id_a[..12],
+        "--docker-socket",
+        "/nonexistent/docker.sock",
+        "--otlp-endpoint",
+        &rx.grpc_endpoint(),
+    ])?;
+    let prefix_a = format!("/ida-{tag}/");
+    let prefix_b = format!("/idb-{tag}/");
+    for i in 0..5 {
+        http_get(local(port_a), &format!("{prefix_a}{i}"), &[])?;
+        http_get(local(port_b), &format!("{prefix_b}{i}"), &[])?;
+    }
+    let spans = rx
+        .wait_for(|s| paths_with(s, &prefix_a).len() >= 5, SPAN_WAIT)
+        .map_err(|e| agent.annotate(e))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let spans: Vec<_> = rx.spans().into_iter().chain(spans).collect();
+    ensure!(
+        paths_with(&spans, &prefix_b).is_empty(),
+        "container B traced when selecting A by id:\n{}",
+        summarize(&paths_with(&spans, &prefix_b), 10)
+    );
+    for span in paths_with(&spans, &prefix_a) {
+        ensure!(
+            span.res_str("container.id").as_deref() == Some(id_a.as_str())
+                && span.res_str("container.name").is_none(),
+            "by id without the API: container.id {:?}, container.name {:?}",
+            span.res_str("container.id"),
+            span.res_str("container.name")
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn go_uprobes_attach_to_a_binary_inside_a_container() -> Result<()> {
+    let test = "go_uprobes_attach_to_a_binary_inside_a_container";
+    let Some(_e2e) = difytrace_tests::e2e(test) else {
+        return Ok(());
+    };
+    let missing = goapp::tools_missing();
+    if !missing.is_empty() {
+        return difytrace_tests::prerequisite_missing(test, &missing).unwrap_or(Ok(()));
+    }
+    let Some(mut dk) = dockerd_or_skip(test) else {
+        return Ok(());
+    };
+    let app = GoApp::prepare()?;
+    let variant = app.variant("go1.26")?;
+    // At a path the host does not have: reachable only through the container's root.
+    const INSIDE: &str = "/opt/app/godaemon-in-container";
+    dk.build_python_image(IMAGE, APP, &[(variant.daemon_bin.as_path(), INSIDE)])?;
+    // The tool runs on the host, outside the selection: its side is not traced.
+    let tool = GoTool::start(variant)?;
+    let rx = OtlpReceiver::start()?;
+    let name = format!("dt-go-{}", random_hex(8));
+    let socket = dk.socket().to_string_lossy().into_owned();
+    let agent = Agent::start(&[
+        "--container",
+        &name,
+        "--docker-socket",
+        &socket,
+        "--otlp-endpoint",
+        &rx.grpc_endpoint(),
+    ])?;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let tool_url = format!("http://{}", tool.addr());
+    let id = dk.run(
+        &name,
+        &[
+            IMAGE, INSIDE, "-mode", "daemon", "-listen", &listen, "-tool", &tool_url,
+        ],
+    )?;
+    wait_serving(&dk, &name, port)?;
+    let pid = dk.pid_of(&name)?;
+    let mut agent = agent;
+    agent
+        .wait_stderr(
+            |log| {
+                log.lines().any(|l| {
+                    l.contains("Go uprobes attached") && l.contains(&format!("/proc/{pid}/exe"))
+                })
+            },
+            SPAN_WAIT,
+        )
+        .context("Go uprobes on the container's binary")?;
+    // Hooks are in: these requests are linked by goroutine and carry gin's route.
+    let invs = goapp::invoke_sequential(local(port), 5)?;
+    let spans = rx
+        .wait_for(
+            |s| {
+                invs.iter().all(|inv| {
+                    s.iter().any(|x| {
+                        x.is_server() && x.attr_str("url.path").as_deref() == Some(&inv.path)
+                    })
+                })
+            },
+            SPAN_WAIT,
+        )
+        .map_err(|e| agent.annotate(e))?;
+    for inv in &invs {
+        let server = spans
+            .iter()
+            .find(|x| x.is_server() && x.attr_str("url.path").as_deref() == Some(&inv.path))
+            .context("server span")?;
+        ensure!(
+            server.attr_str("http.route").as_deref() == Some(goapp::ROUTE),
+            "no gin route from the uprobes: {}",
+            server.summary()
+        );
+        ensure!(
+            server.res_str("container.id").as_deref() == Some(id.as_str())
+                && server.res_str("container.name").as_deref() == Some(name.as_str()),
+            "container identity of {}: {:?} {:?}",
+            server.summary(),
+            server.res_str("container.id"),
+            server.res_str("container.name")
+        );
+        let tool_path = goapp::tool_path(&inv.tenant);
+        let client = spans
+            .iter()
+            .find(|x| x.is_client() && x.attr_str("url.path").as_deref() == Some(&tool_path))
+            .with_context(|| {
+                format!("no CLIENT span for {tool_path}:\n{}", summarize(&spans, 30))
+            })?;
+        // Made from a goroutine the handler spawned: only goroutine linking gets this.
+        ensure!(
+            client.parent_span_id == server.span_id,
+            "CLIENT {} is not the child of SERVER {}",
+            client.summary(),
+            server.summary()
+        );
+    }
+    Ok(())
+}
+
+/// A stand-in for the Kubernetes API server: HTTPS with a CA of the test's own, the bearer
+/// token checked, and `GET /api/v1/pods?fieldSelector=spec.nodeName=<node>` answered with
+/// the pod list in `pods.json` (written by the test, in the API's shape).
+const FAKE_API_SERVER: &str = r#"
+import http.server, ssl, sys
+port, cert, key, token, pods, node = sys.argv[1:7]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.headers.get("Authorization") != "Bearer " + token:
+            self.send_response(401); self.end_headers(); return
+        if self.path != "/api/v1/pods?fieldSelector=spec.nodeName%3D" + node:
+            self.send_response(404); self.end_headers(); return
+        body = open(pods, "rb").read()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv = http.server.HTTPServer(("127.0.0.1", int(port)), H)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print("listening", flush=True)
+srv.serve_forever()
+"#;
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with the openssl CLI.
+fn make_certs(dir: &Path) -> Result<()> {
+    let script = r#"set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=difytrace-test-ca 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key -out srv.csr -subj /CN=kubernetes 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:kubernetes.default.svc
+basicConstraints=CA:FALSE
+keyUsage=digitalSignature
+extendedKeyUsage=serverAuth
+' > ext
+openssl x509 -req -in srv.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out srv.crt -days 2 -extfile ext 2>/dev/null
+"#;
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .context("running openssl")?;
+    ensure!(
+        out.status.success(),
+        "making test certificates failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn pod_json(name: &str, ns: &str, uid: &str, app: &str, container_id: &str) -> String {
+    format!(
+        r#"{{"metadata":{{"name":"{name}","namespace":"{ns}","uid":"{uid}","labels":{{"app":"{app}"}}}},"spec":{{"nodeName":"node-1"}},"status":{{"phase":"Running","containerStatuses":[{{"name":"web","image":"difytrace-test:1","containerID":"docker://{container_id}","ready":true}}]}}}}"#
+    )
+}
+
+#[test]
+fn kubernetes_filter_by_namespace_and_label_from_the_api_server() -> Result<()> {
+    let test = "kubernetes_filter_by_namespace_and_label_from_the_api_server";
+    let Some(_e2e) = difytrace_tests::e2e(test) else {
+        return Ok(());
+    };
+    let Some(mut dk) = dockerd_or_skip(test) else {
+        return Ok(());
+    };
+    dk.build_python_image(IMAGE, APP, &[])?;
+    let tag = random_hex(8);
+    let (name_a, name_b) = (format!("dt-ka-{tag}"), format!("dt-kb-{tag}"));
+    let (port_a, port_b) = (free_port(), free_port());
+    let id_a = run_app(&mut dk, &name_a, port_a)?;
+    let id_b = run_app(&mut dk, &name_b, port_b)?;
+    wait_serving(&dk, &name_a, port_a)?;
+    wait_serving(&dk, &name_b, port_b)?;
+
+    let dir = difytrace_tests::TempDir::new("kube-api")?;
+    make_certs(dir.path())?;
+    let sa = dir.join("serviceaccount");
+    std::fs::create_dir_all(&sa)?;
+    std::fs::copy(dir.join("ca.crt"), sa.join("ca.crt"))?;
+    let token = format!("token-{tag}");
+    std::fs::write(sa.join("token"), format!("{token}\n"))?;
+    // Same namespace, different labels: only the label tells them apart.
+    let uid_a = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    let pods = format!(
+        r#"{{"kind":"PodList","apiVersion":"v1","items":[{},{}]}}"#,
+        pod_json("api-0", "dify", uid_a, "api", &id_a),
+        pod_json(
+            "web-0",
+            "dify",
+            "1f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+            "web",
+            &id_b
+        )
+    );
+    std::fs::write(dir.join("pods.json"), pods)?;
+    std::fs::write(dir.join("fake_api.py"), FAKE_API_SERVER)?;
+    let api_port = free_port();
+    let mut cmd = Command::new(python());
+    cmd.arg(dir.join("fake_api.py"))
+        .arg(api_port.to_string())
+        .arg(dir.join("srv.crt"))
+        .arg(dir.join("srv.key"))
+        .arg(&token)
+        .arg(dir.join("pods.json"))
+        .arg("node-1");
+    let mut api = Proc::spawn("fake-api", cmd, dir.path())?;
+    wait_port_of(&mut api, local(api_port), Duration::from_secs(30))?;
+
+    let rx = OtlpReceiver::start()?;
+    let socket = dk.socket().to_string_lossy().into_owned();
+    // The agent's environment as a DaemonSet pod would have it.
+    let sa_dir = sa.to_string_lossy().into_owned();
+    let port_text = api_port.to_string();
+    let agent = Agent::start_with_env(
+        &[
+            "--k8s-namespace",
+            "dify",
+            "--k8s-pod-label",
+            "app=api",
+            "--docker-socket",
+            &socket,
+            "--otlp-endpoint",
+            &rx.grpc_endpoint(),
+        ],
+        &[
+            ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
+            ("KUBERNETES_SERVICE_PORT", port_text.as_str()),
+            ("K8S_NODE_NAME", "node-1"),
+            ("DIFYTRACE_K8S_SERVICE_ACCOUNT_DIR", sa_dir.as_str()),
+        ],
+    )?;
+    let a_prefix = format!("/ka-{tag}/");
+    let b_prefix = format!("/kb-{tag}/");
+    for i in 0..5 {
+        http_get(local(port_a), &format!("{a_prefix}{i}"), &[])?;
+        http_get(local(port_b), &format!("{b_prefix}{i}"), &[])?;
+    }
+    let spans = rx
+        .wait_for(|s| paths_with(s, &a_prefix).len() >= 5, SPAN_WAIT)
+        .map_err(|e| agent.annotate(e))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let spans: Vec<_> = rx.spans().into_iter().chain(spans).collect();
+    let from_b = paths_with(&spans, &b_prefix);
+    ensure!(
+        from_b.is_empty(),
+        "pod web-0 (label app=web) was traced:\n{}",
+        summarize(&from_b, 10)
+    );
+    for span in paths_with(&spans, &a_prefix) {
+        let want = [
+            ("k8s.pod.name", "api-0"),
+            ("k8s.namespace.name", "dify"),
+            ("k8s.pod.uid", uid_a),
+            ("k8s.container.name", "web"),
+            ("k8s.node.name", "node-1"),
+            ("container.id", id_a.as_str()),
+            ("container.name", name_a.as_str()),
+        ];
+        for (key, value) in want {
+            ensure!(
+                span.res_str(key).as_deref() == Some(value),
+                "{key} of {}: {:?}, want {value}",
+                span.summary(),
+                span.res_str(key)
+            );
+        }
+    }
+    drop(api);
+    Ok(())
+}
+
+/// The cgroup2 mount point (pure v2: /sys/fs/cgroup; hybrid: /sys/fs/cgroup/unified).
+fn cgroup2_root() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        if after.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        before.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// A cgroup of our own, removed on drop (after its processes are gone).
+struct OwnCgroup {
+    dir: PathBuf,
+}
+
+impl OwnCgroup {
+    fn create(root: &Path, name: &str) -> Result<OwnCgroup> {
+        let dir = root.join(name);
+        std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(OwnCgroup { dir })
+    }
+
+    fn procs(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.dir.join("cgroup.procs"))
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        for pid in self.procs() {
+            // SAFETY: plain kill(2) of processes this test put there.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove cgroup {}", self.dir.display());
+    }
+}
+
+/// `python -m http.server` on `port`; inside `cgroup` (and new pid + mount namespaces via
+/// unshare) when given.
+fn http_server(dir: &Path, name: &str, port: u16, cgroup: Option<&Path>) -> Result<Proc> {
+    let py = python();
+    let serve = format!(
+        "exec {} -m http.server --bind 127.0.0.1 {port}",
+        py.display()
+    );
+    let script = match cgroup {
+        Some(cg) => format!(
+            "echo $$ > {}/cgroup.procs && exec unshare --pid --fork --mount-proc sh -c '{serve}'",
+            cg.display()
+        ),
+        None => serve,
+    };
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script).current_dir(dir);
+    Proc::spawn(name, cmd, dir)
+}
+
+#[test]
+fn cgroup_filter_traces_a_plain_cgroup_with_its_own_pid_namespace() -> Result<()> {
+    let test = "cgroup_filter_traces_a_plain_cgroup_with_its_own_pid_namespace";
+    let Some(_e2e) = difytrace_tests::e2e(test) else {
+        return Ok(());
+    };
+    let Some(root) = cgroup2_root() else {
+        return difytrace_tests::prerequisite_missing(test, &["a cgroup2 mount".to_string()])
+            .unwrap_or(Ok(()));
+    };
+    let tag = random_hex(8);
+    let cg_name = format!("difytrace-test-{}-{tag}", std::process::id());
+    let cgroup = OwnCgroup::create(&root, &cg_name)?;
+    let dir = difytrace_tests::TempDir::new("unshare")?;
+    let (port_in, port_out) = (free_port(), free_port());
+    let rx = OtlpReceiver::start()?;
+    // Given relative to the cgroup2 root, as /proc/<pid>/cgroup prints it.
+    let cg_arg = format!("/{cg_name}");
+    let agent = Agent::start(&["--cgroup", &cg_arg, "--otlp-endpoint", &rx.grpc_endpoint()])?;
+    let mut inside = http_server(dir.path(), "inside", port_in, Some(&cgroup.dir))?;
+    let mut outside = http_server(dir.path(), "outside", port_out, None)?;
+    wait_port_of(&mut inside, local(port_in), Duration::from_secs(30))?;
+    wait_port_of(&mut outside, local(port_out), Duration::from_secs(30))?;
+    let in_prefix = format!("/in-{tag}/");
+    let out_prefix = format!("/out-{tag}/");
+    for i in 0..5 {
+        // http.server answers 404 for files it does not have: still a request and a span.
+        http_get(local(port_in), &format!("{in_prefix}{i}"), &[])?;
+        http_get(local(port_out), &format!("{out_prefix}{i}"), &[])?;
+    }
+    let spans = rx
+        .wait_for(|s| paths_with(s, &in_prefix).len() >= 5, SPAN_WAIT)
+        .map_err(|e| agent.annotate(e))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let spans: Vec<_> = rx.spans().into_iter().chain(spans).collect();
+    let from_out = paths_with(&spans, &out_prefix);
+    ensure!(
+        from_out.is_empty(),
+        "the server outside the cgroup was traced:\n{}",
+        summarize(&from_out, 10)
+    );
+    let members: HashSet<u32> = cgroup.procs().into_iter().collect();
+    let expected_path = format!("/{cg_name}");
+    for span in paths_with(&spans, &in_prefix) {
+        ensure!(
+            span.res_str("difytrace.cgroup.path").as_deref() == Some(expected_path.as_str()),
+            "difytrace.cgroup.path of {}: {:?}",
+            span.summary(),
+            span.res_str("difytrace.cgroup.path")
+        );
+        ensure!(
+            span.res_str("container.id").is_none(),
+            "a plain cgroup is no container: {:?}",
+            span.res_str("container.id")
+        );
+        // process.pid is the host's pid (the server is pid 1 of its own namespace).
+        let pid = span.pid().context("process.pid")?;
+        ensure!(
+            members.contains(&pid),
+            "process.pid {pid} is not in the cgroup ({members:?})"
+        );
+    }
+    drop(inside);
+    drop(outside);
+    drop(agent);
+    drop(cgroup);
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! The periodic look at the host's containers, on its own thread (API calls block): which
+//! cgroups exist, which containers they are, what the runtime and Kubernetes call them, and
+//! which cgroup ids the kernel's filter should let through.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tracing::{debug, info, warn};
+
+use crate::span::model::ContainerIdentity;
+
+use super::{
+    cgroup_fs::{CgroupDir, CgroupFs},
+    cgroup_path::{ContainerRef, container_of_path},
+    docker_api::{DockerApi, DockerContainer, split_image},
+    filter::ContainerFilter,
+    kube_client::KubeSource,
+    kubernetes::PodContainer,
+};
+
+/// How many refreshes a container may stay unknown to the runtime API before the agent stops
+/// asking (a container that is being created is listed a moment after its cgroup exists).
+const LOOKUP_TRIES: u8 = 5;
+/// The pod list is read again at least this often, and at most this often when unknown
+/// containers appear.
+const PODS_EVERY: Duration = Duration::from_secs(30);
+const PODS_AT_MOST_EVERY: Duration = Duration::from_secs(2);
+
+/// What changed since the last refresh.
+#[derive(Debug, Default)]
+pub struct Update {
+    /// Containers seen for the first time or whose names changed.
+    pub identities: Vec<Arc<ContainerIdentity>>,
+    /// Cgroups the kernel filter must now let through.
+    pub added: Vec<CgroupDir>,
+    /// Cgroup ids to take out of the kernel filter (the cgroup is gone or no longer
+    /// selected).
+    pub removed: Vec<u64>,
+    /// Containers whose cgroups are gone.
+    pub gone: Vec<String>,
+    /// The cgroup walk hit MAX_CGROUP_DIRS.
+    pub truncated: bool,
+}
+
+impl Update {
+    pub fn is_empty(&self) -> bool {
+        self.identities.is_empty()
+            && self.added.is_empty()
+            && self.removed.is_empty()
+            && self.gone.is_empty()
+    }
+}
+
+struct Known {
+    identity: Arc<ContainerIdentity>,
+    labels: BTreeMap<String, String>,
+    /// Runtime API lists that did not have it yet.
+    misses: u8,
+}
+
+pub struct Watcher {
+    fs: CgroupFs,
+    filter: ContainerFilter,
+    docker: Option<DockerApi>,
+    kube: Option<KubeSource>,
+    pods: HashMap<String, PodContainer>,
+    pods_read: Option<Instant>,
+    known: HashMap<String, Known>,
+    selected: HashMap<u64, String>,
+    docker_failing: bool,
+    kube_failing: bool,
+}
+
+impl Watcher {
+    pub fn new(
+        fs: CgroupFs,
+        filter: ContainerFilter,
+        docker: Option<DockerApi>,
+        kube: Option<KubeSource>,
+    ) -> Self {
+        Self {
+            fs,
+            filter,
+            docker,
+            kube,
+            pods: HashMap::new(),
+            pods_read: None,
+            known: HashMap::new(),
+            selected: HashMap::new(),
+            docker_failing: false,
+            kube_failing: false,
+        }
+    }
+
+    /// Whether refreshing can learn anything (a filter to keep current, or names to ask for).
+    pub fn has_work(&self) -> bool {
+        self.filter.is_active() || self.docker.is_some() || self.kube.is_some()
+    }
+
+    /// One look at the host.
+    pub fn refresh(&mut self) -> Update {
+        let mut update = Update::default();
+        let names_to_learn =
+            self.kube.is_some() || self.docker.as_ref().is_some_and(DockerApi::present);
+        if !self.filter.is_active() && !names_to_learn {
+            // Nothing to enforce and nobody to ask: ids come from /proc/<pid>/cgroup alone.
+            return update;
+        }
+        let (dirs, truncated) = self.fs.walk();
+        update.truncated = truncated;
+        let mut containers: HashMap<String, (ContainerRef, Vec<&CgroupDir>)> = HashMap::new();
+        let mut plain: Vec<&CgroupDir> = Vec::new();
+        for dir in &dirs {
+            match container_of_path(&dir.path) {
+                Some(c) => containers
+                    .entry(c.id.clone())
+                    .or_insert_with(|| (c, Vec::new()))
+                    .1
+                    .push(dir),
+                None => plain.push(dir),
+            }
+        }
+        self.learn_names(&containers, &mut update);
+        self.known.retain(|id, _| {
+            let alive = containers.contains_key(id);
+            if !alive {
+                update.gone.push(id.clone());
+            }
+            alive
+        });
+        if self.filter.is_active() {
+            let mut now: HashMap<u64, &CgroupDir> = HashMap::new();
+            for (id, (_, dirs)) in &containers {
+                if let Some(known) = self.known.get(id)
+                    && self
+                        .filter
+                        .matches_container(&known.identity, &known.labels)
+                {
+                    now.extend(dirs.iter().map(|d| (d.id, *d)));
+                }
+            }
+            for dir in plain {
+                if self.filter.matches_cgroup(&dir.path) {
+                    now.insert(dir.id, dir);
+                }
+            }
+            let gone: Vec<u64> = self
+                .selected
+                .keys()
+                .filter(|id| !now.contains_key(id))
+                .copied()
+                .collect();
+            for id in gone {
+                if let Some(path) = self.selected.remove(&id) {
+                    debug!(cgroup = %path, "cgroup left the selection");
+                }
+                update.removed.push(id);
+            }
+            for (id, dir) in now {
+                if self.selected.insert(id, dir.path.clone()).is_none() {
+                    update.added.push((*dir).clone());
+                }
+            }
+        }
+        update
+    }
+
+    /// Identities for new containers (and retries for the ones the APIs did not know yet).
+    fn learn_names(
+        &mut self,
+        containers: &HashMap<String, (ContainerRef, Vec<&CgroupDir>)>,
+        update: &mut Update,
+    ) {
+        let unknown: Vec<&String> = containers
+            .keys()
+            .filter(|id| {
+                self.known
+                    .get(*id)
+                    .is_none_or(|k| k.misses > 0 && k.misses < LOOKUP_TRIES)
+            })
+            .collect();
+        if unknown.is_empty() && !self.pods_due(false) {
+            return;
+        }
+        let listed = if unknown.is_empty() {
+            HashMap::new()
+        } else {
+            self.docker_list()
+        };
+        if self.pods_due(!unknown.is_empty()) {
+            self.read_pods();
+        }
+        for (id, (cref, dirs)) in containers {
+            let own_path = dirs
+                .iter()
+                .map(|d| d.path.as_str())
+                .min_by_key(|p| p.len())
+                .unwrap_or_default();
+            let was = self.known.get(id);
+            let docker = listed.get(id);
+            let pod = self.pods.get(id);
+            let mut identity = ContainerIdentity {
+                id: id.clone(),
+                runtime: Some(cref.runtime.name()),
+                cgroup_path: own_path.to_string(),
+                ..Default::default()
+            };
+            if let Some(was) = was {
+                identity.name = was.identity.name.clone();
+                identity.image_name = was.identity.image_name.clone();
+                identity.image_tag = was.identity.image_tag.clone();
+            }
+            if let Some(d) = docker {
+                identity.name = d.name.clone();
+                let (name, tag) = d.image.as_deref().map(split_image).unwrap_or_default();
+                identity.image_name = name;
+                identity.image_tag = tag;
+            }
+            let mut labels = BTreeMap::new();
+            if let Some(p) = pod {
+                identity.k8s = Some(p.identity.clone());
+                labels = p.labels.clone();
+                if identity.image_name.is_none() {
+                    let (name, tag) = p.image.as_deref().map(split_image).unwrap_or_default();
+                    identity.image_name = name;
+                    identity.image_tag = tag;
+                }
+            }
+            let asked = self.docker.is_some() && !unknown.is_empty() && unknown.contains(&id);
+            let misses = match (was, docker.is_some() || pod.is_some()) {
+                (_, true) => 0,
+                (Some(w), false) if asked => w.misses.saturating_add(1),
+                (None, false) if asked => 1,
+                (Some(w), false) => w.misses,
+                (None, false) => 0,
+            };
+            let changed = was.is_none_or(|w| *w.identity != identity);
+            let identity = if changed {
+                let identity = Arc::new(identity);
+                if was.is_none() {
+                    info!(
+                        container = %identity.id,
+                        name = identity.name.as_deref().unwrap_or("-"),
+                        runtime = identity.runtime.unwrap_or("-"),
+                        cgroup = %identity.cgroup_path,
+                        "container found"
+                    );
+                }
+                update.identities.push(identity.clone());
+                identity
+            } else {
+                was.map(|w| w.identity.clone()).unwrap_or_default()
+            };
+            self.known.insert(
+                id.clone(),
+                Known {
+                    identity,
+                    labels,
+                    misses,
+                },
+            );
+        }
+    }
+
+    fn docker_list(&mut self) -> HashMap<String, DockerContainer> {
+        let Some(api) = &self.docker else {
+            return HashMap::new();
+        };
+        if !api.present() {
+            return HashMap::new();
+        }
+        match api.list() {
+            Ok(list) => {
+                if self.docker_failing {
+                    info!(socket = %api.socket().display(), "container runtime API answers again");
+                    self.docker_failing = false;
+                }
+                list.into_iter().map(|c| (c.id.clone(), c)).collect()
+            }
+            Err(err) => {
+                if !self.docker_failing {
+                    warn!("container names unknown (ids only): {err}");
+                    self.docker_failing = true;
+                }
+                HashMap::new()
+            }
+        }
+    }
+
+    fn pods_due(&self, unknown: bool) -> bool {
+        if self.kube.is_none() {
+            return false;
+        }
+        match self.pods_read {
+            None => true,
+            Some(at) => {
+                at.elapsed() >= PODS_EVERY || (unknown && at.elapsed() >= PODS_AT_MOST_EVERY)
+            }
+        }
+    }
+
+    fn read_pods(&mut self) {
+        let Some(kube) = &self.kube else {
+            return;
+        };
+        self.pods_read = Some(Instant::now());
+        match kube.pods() {
+            Ok(pods) => {
+                if self.kube_failing {
+                    info!("Kubernetes API answers again");
+                    self.kube_failing = false;
+                }
+                self.pods = pods;
+            }
+            Err(err) => {
+                if !self.kube_failing {
+                    warn!("Kubernetes pod names unknown: {err:#}");
+                    self.kube_failing = true;
+                }
+            }
+        }
+    }
+
+    /// The `--container` values that name no container seen so far.
+    pub fn unmatched_containers(&self) -> Vec<&str> {
+        self.filter
+            .containers
+            .iter()
+            .filter(|given| {
+                let alone = ContainerFilter {
+                    containers: vec![(*given).clone()],
+                    ..Default::default()
+                };
+                !self
+                    .known
+                    .values()
+                    .any(|k| alone.matches_container(&k.identity, &k.labels))
+            })
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// The selection this watcher enforces (with `--cgroup` paths made relative to the
+    /// hierarchy).
+    pub fn filter(&self) -> &ContainerFilter {
+        &self.filter
+    }
+
+    pub fn cgroup_fs(&self) -> &CgroupFs {
+        &self.fs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+
+    const A: &str = "aa0000000000000000000000000000000000000000000000000000000000000a";
+    const B: &str = "bb0000000000000000000000000000000000000000000000000000000000000b";
+
+    /// A directory tree shaped like a cgroup2 hierarchy (the walk only needs directories and
+    /// their inode numbers).
+    fn tree(name: &str) -> PathBuf {
+        let root =
+            std::env::temp_dir().join(format!("difytrace-watcher-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for dir in [
+            format!("docker/{A}/sub"),
+            format!("docker/{B}"),
+            "my.slice/job".to_string(),
+            "user.slice".to_string(),
+        ] {
+            std::fs::create_dir_all(root.join(dir)).expect("test tree");
+        }
+        root
+    }
+
+    fn watcher(root: &Path, filter: ContainerFilter) -> Watcher {
+        Watcher::new(CgroupFs { root: root.into() }, filter, None, None)
+    }
+
+    fn paths(dirs: &[CgroupDir]) -> Vec<String> {
+        let mut p: Vec<String> = dirs.iter().map(|d| d.path.clone()).collect();
+        p.sort();
+        p
+    }
+
+    #[test]
+    fn selects_a_container_with_its_sub_cgroups_and_follows_changes() {
+        let root = tree("select");
+        let mut w = watcher(
+            &root,
+            ContainerFilter {
+                containers: vec![A[..12].to_string()],
+                cgroups: vec!["/my.slice".into()],
+                ..Default::default()
+            },
+        );
+        let first = w.refresh();
+        assert_eq!(
+            paths(&first.added),
+            vec![
+                format!("/docker/{A}"),
+                format!("/docker/{A}/sub"),
+                "/my.slice".to_string(),
+                "/my.slice/job".to_string(),
+            ]
+        );
+        assert_eq!(first.identities.len(), 2, "both containers named by id");
+        assert!(w.unmatched_containers().is_empty());
+        // Nothing changed: nothing to say.
+        assert!(w.refresh().is_empty());
+        // A goes away: its cgroups leave the filter, its identity is gone.
+        std::fs::remove_dir_all(root.join(format!("docker/{A}"))).unwrap();
+        let gone = w.refresh();
+        assert_eq!(gone.removed.len(), 2);
+        assert_eq!(gone.gone, vec![A.to_string()]);
+        assert_eq!(w.unmatched_containers(), vec![&A[..12]]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn names_without_an_api_match_nothing() {
+        let root = tree("names");
+        let mut w = watcher(
+            &root,
+            ContainerFilter {
+                containers: vec!["api".into()],
+                ..Default::default()
+            },
+        );
+        let first = w.refresh();
+        assert!(first.added.is_empty());
+        assert_eq!(w.unmatched_containers(), vec!["api"]);
+        // Without a filter or an API to ask there is nothing to walk for.
+        let mut idle = watcher(&root, ContainerFilter::default());
+        assert!(!idle.has_work());
+        assert!(idle.refresh().is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
