@@ -1,6 +1,7 @@
 //! Dify and model-API bodies: which routes matter, and the facts read from their bodies
 //! (model, token usage, finish reasons, stream events, error codes) in fixed memory.
 
+pub mod capture;
 pub mod inspect;
 pub mod json_pick;
 pub mod route;

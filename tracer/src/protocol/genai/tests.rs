@@ -238,3 +238,63 @@ fn picker_never_panics_on_random_bytes() {
         let _ = i.finish();
     }
 }
+
+/// The whole path through the HTTP/1 parsers: a dispatch request, and its chunked event
+/// stream answer split across syscalls, one of them partly lost.
+#[test]
+fn http1_parsers_inspect_dispatch_bodies() {
+    use crate::protocol::http1::{Http1Event, Http1Parser, Side};
+    let body = br#"{"user_id":"u","data":{"provider":"langgenius/openai/openai","model":"gpt-4o","credentials":{"api_key":"sk-1"}}}"#;
+    let mut req = format!(
+        "POST /plugin/tenant-1/dispatch/llm/invoke HTTP/1.1\r\nHost: d\r\nX-Plugin-ID: a/b\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    let mut rp = Http1Parser::new(Side::Request);
+    let mut out = Vec::new();
+    rp.feed(&req, ts(1), &mut out);
+    let Some(Http1Event::Message(m)) = out.pop() else {
+        panic!("request")
+    };
+    let facts = m.genai.expect("request inspected");
+    assert_eq!(facts.value(Q_PROVIDER), Some("langgenius/openai/openai"));
+
+    let mut resp = Http1Parser::new(Side::Response);
+    resp.push_request("POST", "/plugin/tenant-1/dispatch/llm/invoke");
+    let mut out = Vec::new();
+    resp.feed(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ts(2),
+        &mut out,
+    );
+    for (n, event) in DIFY.split_inclusive(|&b| b == b'\n').enumerate() {
+        let chunk = format!("{:x}\r\n", event.len());
+        resp.feed(chunk.as_bytes(), ts(10 + n as u64), &mut out);
+        resp.feed(event, ts(10 + n as u64), &mut out);
+        resp.feed(b"\r\n", ts(10 + n as u64), &mut out);
+    }
+    resp.feed(b"0\r\n\r\n", ts(99), &mut out);
+    let Some(Http1Event::Message(m)) = out.pop() else {
+        panic!("response")
+    };
+    let f = m.genai.expect("response inspected");
+    assert!(f.sse);
+    assert_eq!(f.events, Some(3));
+    assert_eq!(f.first_event, Some(ts(10)));
+    assert_eq!(f.value(P_DATA_COMPLETION_TOKENS), Some("7"));
+
+    // A route that does not matter is not read.
+    let mut resp = Http1Parser::new(Side::Response);
+    resp.push_request("GET", "/health");
+    let mut out = Vec::new();
+    resp.feed(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        ts(2),
+        &mut out,
+    );
+    let Some(Http1Event::Message(m)) = out.pop() else {
+        panic!("response")
+    };
+    assert!(m.genai.is_none());
+}
