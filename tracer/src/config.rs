@@ -26,6 +26,10 @@ pub struct Config {
     pub greenlets: bool,
     /// Put uprobes on nginx.
     pub nginx_uprobes: bool,
+    /// Body prefix to export per HTTP/1 message (0: none).
+    pub capture_body_bytes: usize,
+    /// Export prompts and completions.
+    pub capture_genai_content: bool,
 }
 
 impl Config {
@@ -53,6 +57,8 @@ impl Config {
             go_uprobes: !cli.no_go,
             greenlets: !cli.no_greenlets,
             nginx_uprobes: !cli.no_nginx,
+            capture_body_bytes: cli.capture_bodies.unwrap_or(0),
+            capture_genai_content: cli.capture_genai_content,
         })
     }
 }
