@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod difystack;
+pub mod genai;
 pub mod goapp;
 pub mod grpc;
 pub mod jaeger;

@@ -256,3 +256,87 @@ fn body_attr(out: &mut Out, key: &str, prefix: &[u8], cap: usize) {
         out.0.push((key.into(), AttrValue::Str(text)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::http1::{ChunkTs, Http1Event, Http1Parser, Side};
+
+    fn ts(n: u64) -> ChunkTs {
+        ChunkTs {
+            enter_ns: n,
+            exit_ns: n + 1,
+        }
+    }
+
+    fn parse(side: Side, target: Option<&str>, bytes: &[&[u8]]) -> Http1Message {
+        let mut p = Http1Parser::new(side);
+        if let Some(t) = target {
+            p.push_request("POST", t);
+        }
+        let mut out = Vec::new();
+        for (i, b) in bytes.iter().enumerate() {
+            p.feed(b, ts(1000 * (i as u64 + 1)), &mut out);
+        }
+        match out.pop() {
+            Some(Http1Event::Message(m)) => m,
+            other => panic!("no message: {other:?}"),
+        }
+    }
+
+    fn attr<'a>(g: &'a GenAiHttp, k: &str) -> Option<&'a AttrValue> {
+        g.attrs.iter().find(|(key, _)| key == k).map(|(_, v)| v)
+    }
+
+    #[test]
+    fn dispatch_timeout_span() {
+        let body =
+            br#"{"data":{"provider":"openai","model":"slow","credentials":{"api_key":"sk-x"}}}"#;
+        let head = format!(
+            "POST /plugin/t1/dispatch/llm/invoke HTTP/1.1\r\nX-Plugin-ID: a/b\r\nX-Api-Key: k\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let req = parse(Side::Request, None, &[head.as_bytes(), body]);
+        let resp = parse(
+            Side::Response,
+            Some("/plugin/t1/dispatch/llm/invoke"),
+            &[
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 140\r\n\r\n",
+                br#"data: {"code":-500,"message":"{\"message\":\"killed by timeout\",\"error_type\":\"PluginDaemonInternalServerError\",\"args\":null}","data":null}"#,
+                b"\n\n",
+            ],
+        );
+        let g = http_span(SpanKind::Server, &req, Some(&resp), 500);
+        assert_eq!(g.name.as_deref(), Some("dispatch llm/invoke"));
+        assert_eq!(
+            g.error,
+            Some((
+                "PluginDaemonInternalServerError".into(),
+                "killed by timeout".into()
+            ))
+        );
+        assert_eq!(
+            attr(&g, "dify.tenant_id"),
+            Some(&AttrValue::Str("t1".into()))
+        );
+        assert_eq!(
+            attr(&g, "dify.plugin.id"),
+            Some(&AttrValue::Str("a/b".into()))
+        );
+        assert_eq!(
+            attr(&g, "gen_ai.request.model"),
+            Some(&AttrValue::Str("slow".into()))
+        );
+        assert_eq!(attr(&g, "dify.stream.chunks"), Some(&AttrValue::Int(1)));
+        // The event's chunk was written at 2000 (server side: write start), the span began at 500.
+        assert_eq!(
+            attr(&g, "dify.stream.time_to_first_chunk_ms"),
+            Some(&AttrValue::F64(1500.0 / 1e6))
+        );
+        assert!(
+            !g.attrs
+                .iter()
+                .any(|(_, v)| matches!(v, AttrValue::Str(s) if s.contains("sk-x")))
+        );
+    }
+}
