@@ -60,7 +60,7 @@ fn run(test: &str, extra: &[&str]) -> Result<()> {
     let mut missing = genai::tools_missing();
     missing.extend(difytrace_tests::grpc::tools_missing());
     if !missing.is_empty() {
-        difytrace_tests::prerequisite_missing(test, &missing);
+        difytrace_tests::prerequisite_missing::<()>(test, &missing);
         return Ok(());
     }
     let grpc = GrpcFixture::prepare()?;
