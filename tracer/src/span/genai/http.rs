@@ -226,7 +226,7 @@ fn content_attrs(out: &mut Out, rq: Option<&BodyFacts>, rs: Option<&BodyFacts>) 
     if let Some((raw, cut)) = rq.and_then(|f| f.content.as_ref()) {
         let mut text = redact_json(raw);
         if *cut {
-            text.push_str("…");
+            text.push('…');
         }
         out.0
             .push(("gen_ai.input.messages".into(), AttrValue::Str(text)));
@@ -234,7 +234,7 @@ fn content_attrs(out: &mut Out, rq: Option<&BodyFacts>, rs: Option<&BodyFacts>) 
     if let Some((text, cut)) = rs.and_then(|f| f.content.as_ref()) {
         let mut text = redact_inline(text);
         if *cut {
-            text.push_str("…");
+            text.push('…');
         }
         let messages = serde_json::json!([{
             "role": "assistant",
