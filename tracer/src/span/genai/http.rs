@@ -297,14 +297,15 @@ mod tests {
             body.len()
         );
         let req = parse(Side::Request, None, &[head.as_bytes(), body]);
+        let event: &[u8] = br#"data: {"code":-500,"message":"{\"message\":\"killed by timeout\",\"error_type\":\"PluginDaemonInternalServerError\",\"args\":null}","data":null}"#;
+        let resp_head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n",
+            event.len() + 2
+        );
         let resp = parse(
             Side::Response,
             Some("/plugin/t1/dispatch/llm/invoke"),
-            &[
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 140\r\n\r\n",
-                br#"data: {"code":-500,"message":"{\"message\":\"killed by timeout\",\"error_type\":\"PluginDaemonInternalServerError\",\"args\":null}","data":null}"#,
-                b"\n\n",
-            ],
+            &[resp_head.as_bytes(), event, b"\n\n"],
         );
         let g = http_span(SpanKind::Server, &req, Some(&resp), 500);
         assert_eq!(g.name.as_deref(), Some("dispatch llm/invoke"));
