@@ -151,7 +151,7 @@ impl JsonPicker {
     /// The text ended: a number at the very end is complete.
     pub fn finish(&mut self, out: &mut Vec<Picked>) {
         if !self.dead && self.lex == Lex::Scalar {
-            self.end_scalar(out);
+            self.end_scalar(false, out);
         }
     }
 
@@ -217,7 +217,7 @@ impl JsonPicker {
                         push_char(c, char::from(b), self.wants[c.want].max_len);
                     }
                 } else {
-                    self.end_scalar(out);
+                    self.end_scalar(true, out);
                     self.byte_normal(b, out);
                 }
             }
@@ -326,8 +326,17 @@ impl JsonPicker {
         }
     }
 
-    fn end_scalar(&mut self, out: &mut Vec<Picked>) {
+    /// `terminated`: the byte after the scalar was already fed (and copied into a raw value).
+    fn end_scalar(&mut self, terminated: bool, out: &mut Vec<Picked>) {
         self.lex = Lex::Normal;
+        if let Some(c) = &mut self.cap
+            && terminated
+            && !c.cut
+            && c.raw_depth == Some(self.stack.len())
+        {
+            // A raw value that is itself a scalar does not include what ended it.
+            c.value.pop();
+        }
         if let Some(c) = &self.cap
             && c.raw_depth.is_none()
             && c.value == b"null"

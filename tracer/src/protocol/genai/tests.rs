@@ -202,6 +202,11 @@ fn picker_arrays_cuts_nulls_and_garbage() {
             (2, r#"{"k":[1,"}"]}"#, false)
         ]
     );
+    // A raw scalar ends before its terminator, also at the very end of the text.
+    let (out, _) = pick(br#"{"o":12,"n":1}"#);
+    assert_eq!(out[0].value, "12");
+    let (out, _) = pick(br#"{"o":true}"#);
+    assert_eq!(out[0].value, "true");
     // Garbage stops the scan but never panics; deep nesting is refused.
     for bad in [
         &b"{\"a\":[}"[..],
