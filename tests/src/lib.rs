@@ -19,6 +19,7 @@
 pub mod agent;
 pub mod difystack;
 pub mod docker;
+pub mod genai;
 pub mod goapp;
 pub mod grpc;
 pub mod jaeger;

@@ -862,6 +862,10 @@ impl Agent {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     crate::probes::check_kernel()?;
     let selection = config.selection.clone();
+    crate::protocol::genai::capture::configure(
+        config.capture_body_bytes,
+        config.capture_genai_content,
+    );
     let trace_all = selection.is_everything();
     let mut watcher = container_watcher(&config)?;
     let kernel_selection = KernelSelection {

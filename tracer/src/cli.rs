@@ -95,6 +95,15 @@ pub struct Cli {
     /// crypto/tls): HTTPS traffic is then not traced.
     #[arg(long)]
     pub no_tls: bool,
+    /// Export a prefix of each HTTP/1 body (http.request.body / http.response.body), at
+    /// most N bytes (default 4096, at most 65536), with secret-named JSON and form fields
+    /// redacted. Off unless given.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "4096")]
+    pub capture_bodies: Option<usize>,
+    /// Export prompts and completions of model calls (gen_ai.input.messages,
+    /// gen_ai.output.messages), size-capped and with secret-named fields redacted.
+    #[arg(long)]
+    pub capture_genai_content: bool,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     pub log_level: String,

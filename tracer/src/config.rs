@@ -38,6 +38,10 @@ pub struct Config {
     pub containers: ContainerFilter,
     pub docker_socket: PathBuf,
     pub k8s_node_name: Option<String>,
+    /// Body prefix to export per HTTP/1 message (0: none).
+    pub capture_body_bytes: usize,
+    /// Export prompts and completions.
+    pub capture_genai_content: bool,
 }
 
 impl Config {
@@ -87,6 +91,8 @@ impl Config {
             },
             docker_socket: cli.docker_socket.clone(),
             k8s_node_name: cli.k8s_node_name.clone().filter(|n| !n.trim().is_empty()),
+            capture_body_bytes: cli.capture_bodies.unwrap_or(0),
+            capture_genai_content: cli.capture_genai_content,
         })
     }
 }

@@ -11,7 +11,7 @@ use crate::say;
 use crate::util::{EBPF_TOOLCHAIN, USER_TOOLCHAIN, command, run, workspace_root};
 
 /// The fuzz targets of tracer/fuzz, one per parser.
-pub const TARGETS: &[&str] = &["http1", "http2", "stdio", "gobin"];
+pub const TARGETS: &[&str] = &["http1", "http2", "stdio", "gobin", "genai"];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Installs cargo-fuzz when it is missing.

@@ -3,6 +3,7 @@
 pub mod builder;
 pub mod clock;
 pub mod conn_ends;
+pub mod genai;
 pub mod goroutines;
 pub mod h2_attrs;
 pub mod http_attrs;

@@ -17,7 +17,7 @@ use super::{
     clock::Clock,
     model::{AttrValue, FinishedSpan, ProcessResource, SpanKind, SpanStatus},
 };
-use crate::protocol::stdio::{BackwardsEvent, Kind, Request, SessionEvent, StdioLine};
+use crate::protocol::stdio::{BackwardsEvent, ChunkFacts, Kind, Request, SessionEvent, StdioLine};
 
 /// Open invocations (both sides) tracked at once.
 pub const MAX_OPEN_INVOCATIONS: usize = 65536;
@@ -66,6 +66,8 @@ struct Invocation {
     peer_tgid: Option<u32>,
     /// Inode of the pipe the request line crossed (both ends share it); 0 when unknown.
     pipe_inode: u64,
+    /// Model facts of the stream chunks, last value wins (usage is in the last chunk).
+    model_facts: ChunkFacts,
 }
 
 struct Backwards {
@@ -268,6 +270,7 @@ impl PluginSessions {
             partial: line.holes,
             peer_tgid: other.map(|(t, _)| t),
             pipe_inode,
+            model_facts: ChunkFacts::default(),
         };
         if let Some((peer, _)) = other
             && let Some(peer_inv) = self.open.get_mut(&(peer, session_id.clone()))
@@ -306,9 +309,20 @@ impl PluginSessions {
         inv.last_ns = line.last.exit_ns;
         inv.partial |= line.holes;
         match event {
-            SessionEvent::Stream => {
+            SessionEvent::Stream(facts) => {
                 inv.chunks += 1;
                 inv.response_bytes += line.len;
+                let m = &mut inv.model_facts;
+                for (slot, new) in [
+                    (&mut m.model, &facts.model),
+                    (&mut m.prompt_tokens, &facts.prompt_tokens),
+                    (&mut m.completion_tokens, &facts.completion_tokens),
+                    (&mut m.finish_reason, &facts.finish_reason),
+                ] {
+                    if new.is_some() {
+                        slot.clone_from(new);
+                    }
+                }
             }
             SessionEvent::Error {
                 error_type,
@@ -400,6 +414,7 @@ impl PluginSessions {
                 partial: true,
                 peer_tgid: Some(client_tgid),
                 pipe_inode,
+                model_facts: ChunkFacts::default(),
             },
         );
     }
@@ -589,6 +604,36 @@ fn str_attr(attrs: &mut Vec<(String, AttrValue)>, key: &str, value: &Option<Stri
     }
 }
 
+/// OTel GenAI attributes of a model invocation: from the request line and the last values
+/// the stream chunks carried.
+fn model_attrs(attributes: &mut Vec<(String, AttrValue)>, inv: &Invocation) {
+    let op = match inv.request.action.as_deref() {
+        Some("invoke_llm") => Some("chat"),
+        Some("invoke_text_embedding") => Some("embeddings"),
+        _ => None,
+    };
+    if let Some(op) = op {
+        attributes.push(("gen_ai.operation.name".into(), AttrValue::Str(op.into())));
+        str_attr(attributes, "gen_ai.provider.name", &inv.request.provider);
+    }
+    let m = &inv.model_facts;
+    str_attr(attributes, "gen_ai.response.model", &m.model);
+    for (key, value) in [
+        ("gen_ai.usage.input_tokens", &m.prompt_tokens),
+        ("gen_ai.usage.output_tokens", &m.completion_tokens),
+    ] {
+        if let Some(n) = value.as_deref().and_then(|v| v.parse::<i64>().ok()) {
+            attributes.push((key.into(), AttrValue::Int(n)));
+        }
+    }
+    if let Some(reason) = &m.finish_reason {
+        attributes.push((
+            "gen_ai.response.finish_reasons".into(),
+            AttrValue::Str(serde_json::to_string(&[reason]).unwrap_or_default()),
+        ));
+    }
+}
+
 fn finish(
     inv: Invocation,
     end_ns: u64,
@@ -630,6 +675,7 @@ fn finish(
     );
     str_attr(&mut attributes, "dify.plugin.tool", &inv.request.tool);
     str_attr(&mut attributes, "gen_ai.request.model", &inv.request.model);
+    model_attrs(&mut attributes, &inv);
     if inv.partial {
         attributes.push(("difytrace.partial".into(), AttrValue::Bool(true)));
     }

@@ -165,6 +165,12 @@ impl Conn {
         self.responses.push_request_method(method);
     }
 
+    /// Like `note_request_method`, with the target, so the responses of Dify and model-API
+    /// routes have their bodies read.
+    pub fn note_request(&mut self, method: &str, target: &str) {
+        self.responses.push_request(method, target);
+    }
+
     /// Checks a record's sequence number; returns how many records before it were lost.
     pub fn check_seq(&mut self, seq: u32) -> u32 {
         records_lost(&mut self.next_seq, seq)

@@ -634,9 +634,9 @@ fn emit(
             counters.messages += 1;
             conn.h1_seen = true;
             if flow == Flow::Requests
-                && let StartLine::Request { method, .. } = &message.start_line
+                && let StartLine::Request { method, target } = &message.start_line
             {
-                conn.note_request_method(method);
+                conn.note_request(method, target);
             }
             // A request is attributed to whoever moved its last byte: a Go server's background
             // reader may have taken its first byte, while the goroutine that serves it reads

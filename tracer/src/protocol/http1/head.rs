@@ -218,5 +218,6 @@ pub(super) fn parse_head(head: &[u8], start_line_end: usize) -> Result<Http1Mess
         last: ChunkTs::default(),
         head_truncated: false,
         body_incomplete: false,
+        genai: None,
     })
 }

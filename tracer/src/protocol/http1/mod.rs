@@ -9,6 +9,8 @@
 //! Event order: when something ends a message early (a gap, a bad chunk line, close), the
 //! partial message is emitted first and the error that ended it second.
 
+use crate::protocol::genai::BodyFacts;
+
 mod framing;
 mod head;
 mod parser;
@@ -66,6 +68,8 @@ pub struct Http1Message {
     pub head_truncated: bool,
     /// The message ended (close, gap, framing error) before its body or trailers did.
     pub body_incomplete: bool,
+    /// Facts read from the body of a Dify or model-API route (see `protocol::genai`).
+    pub genai: Option<Box<BodyFacts>>,
 }
 
 impl Http1Message {

@@ -8,6 +8,7 @@ use super::{
     framing::{Framing, parse_chunk_size},
     head::{LineScan, parse_head, parse_start_line},
 };
+use crate::protocol::genai::{BodyInspector, capture, route_of};
 
 /// Head buffer capacity kept between messages.
 const HEAD_KEEP_CAPACITY: usize = 2048;
@@ -96,8 +97,14 @@ pub struct Http1Parser {
     msg: Option<Http1Message>,
     /// A gap hit the current body, so `body_prefix` is frozen.
     body_gap: bool,
-    pending: VecDeque<MethodKind>,
+    /// Per request awaiting its response: its method, and whether its route's bodies are
+    /// inspected.
+    pending: VecDeque<(MethodKind, bool)>,
     dropped_methods: u64,
+    /// Reads the body of the current message when its route matters.
+    inspector: Option<Box<BodyInspector>>,
+    /// The response being framed answers a request whose route is inspected.
+    inspect_next: bool,
 }
 
 impl Http1Parser {
@@ -118,6 +125,8 @@ impl Http1Parser {
             body_gap: false,
             pending: VecDeque::new(),
             dropped_methods: 0,
+            inspector: None,
+            inspect_next: false,
         }
     }
 
@@ -245,6 +254,12 @@ impl Http1Parser {
     /// on this connection, in order, so HEAD responses get no body and a 2xx to CONNECT turns
     /// the stream into an opaque tunnel.
     pub fn push_request_method(&mut self, method: &str) {
+        self.push_request(method, "");
+    }
+
+    /// Like [`Self::push_request_method`], with the request target, so the response of a
+    /// route that matters (`protocol::genai::route_of`) has its body read.
+    pub fn push_request(&mut self, method: &str, target: &str) {
         if self.side != Side::Response {
             return;
         }
@@ -257,7 +272,7 @@ impl Http1Parser {
             self.pending.pop_front();
             self.dropped_methods = self.dropped_methods.saturating_add(1);
         }
-        self.pending.push_back(kind);
+        self.pending.push_back((kind, route_of(target).is_some()));
     }
 
     /// Methods dropped because more than [`MAX_PENDING_METHODS`] were queued.
@@ -324,7 +339,7 @@ impl Http1Parser {
             State::Head => self.step_head(rest, ts, out),
             State::Body { remaining } => {
                 let take = take_len(remaining, rest.len());
-                self.body_bytes(rest.get(..take).unwrap_or_default());
+                self.body_bytes(rest.get(..take).unwrap_or_default(), ts);
                 match remaining.saturating_sub(take as u64) {
                     0 => self.end_message(ts, false, out),
                     left => self.state = State::Body { remaining: left },
@@ -334,7 +349,7 @@ impl Http1Parser {
             State::ChunkSize => self.step_chunk_size(rest, ts, out),
             State::ChunkData { remaining } => {
                 let take = take_len(remaining, rest.len());
-                self.body_bytes(rest.get(..take).unwrap_or_default());
+                self.body_bytes(rest.get(..take).unwrap_or_default(), ts);
                 self.state = match remaining.saturating_sub(take as u64) {
                     0 => State::ChunkDataEnd { seen_cr: false },
                     left => State::ChunkData { remaining: left },
@@ -387,7 +402,7 @@ impl Http1Parser {
                 rest.len()
             }
             State::UntilClose => {
-                self.body_bytes(rest);
+                self.body_bytes(rest, ts);
                 rest.len()
             }
             State::Tunnel | State::NotHttp | State::LostBody => rest.len(),
@@ -586,6 +601,7 @@ impl Http1Parser {
 
     /// RFC 9112 §6.3, plus the request method a response answers.
     fn body_kind(&mut self, msg: &Http1Message, f: &Framing) -> Result<BodyKind, Http1Error> {
+        self.inspect_next = false;
         let length = |f: &Framing, none: BodyKind| match (f.content_length_error, f.content_length)
         {
             (Some(e), _) => Err(e),
@@ -621,7 +637,11 @@ impl Http1Parser {
                     // Interim responses precede the real answer to the same request.
                     return Ok(BodyKind::None);
                 }
-                let method = self.pending.pop_front().unwrap_or(MethodKind::Other);
+                let (method, inspect) = self
+                    .pending
+                    .pop_front()
+                    .unwrap_or((MethodKind::Other, false));
+                self.inspect_next = inspect;
                 if method == MethodKind::Head || status == 204 || status == 304 {
                     return Ok(BodyKind::None);
                 }
@@ -642,24 +662,56 @@ impl Http1Parser {
     }
 
     fn begin_body(&mut self, msg: Http1Message, state: State) {
+        self.inspector = self.inspector_for(&msg).map(Box::new);
         self.msg = Some(msg);
         self.body_gap = false;
         self.state = state;
     }
 
-    fn body_bytes(&mut self, bytes: &[u8]) {
+    /// A body inspector when the message's route matters and its body is JSON or events.
+    fn inspector_for(&self, msg: &Http1Message) -> Option<BodyInspector> {
+        let content_type = msg
+            .header("content-type")
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let json = content_type.is_empty() || content_type.contains("json");
+        match &msg.start_line {
+            StartLine::Request { target, .. } => {
+                let path = target.split(['?', '#']).next().unwrap_or(target);
+                (route_of(path).is_some() && json)
+                    .then(|| BodyInspector::request(capture::content()))
+            }
+            StartLine::Response { .. } if self.inspect_next => {
+                if content_type.contains("text/event-stream") {
+                    Some(BodyInspector::response(true, capture::content()))
+                } else {
+                    json.then(|| BodyInspector::response(false, capture::content()))
+                }
+            }
+            StartLine::Response { .. } => None,
+        }
+    }
+
+    fn body_bytes(&mut self, bytes: &[u8], ts: ChunkTs) {
         let Some(msg) = self.msg.as_mut() else {
             return;
         };
+        if let Some(inspector) = self.inspector.as_mut() {
+            inspector.feed(bytes, ts);
+        }
         msg.body_len = msg.body_len.saturating_add(bytes.len() as u64);
         if !self.body_gap {
-            let room = MAX_BODY_PREFIX.saturating_sub(msg.body_prefix.len());
+            let keep_max = MAX_BODY_PREFIX.max(capture::body_bytes());
+            let room = keep_max.saturating_sub(msg.body_prefix.len());
             let keep = bytes.get(..room.min(bytes.len())).unwrap_or_default();
             msg.body_prefix.extend_from_slice(keep);
         }
     }
 
     fn body_lost(&mut self, n: u64) {
+        if let Some(inspector) = self.inspector.as_mut() {
+            inspector.gap(n);
+        }
         if let Some(msg) = self.msg.as_mut() {
             msg.body_len = msg.body_len.saturating_add(n);
         }
@@ -733,9 +785,11 @@ impl Http1Parser {
 
     /// Emits the message being counted, if any, and waits for the next one.
     fn end_message(&mut self, ts: ChunkTs, incomplete: bool, out: &mut Vec<Http1Event>) {
+        let inspector = self.inspector.take();
         if let Some(mut msg) = self.msg.take() {
             msg.last = ts;
             msg.body_incomplete = incomplete;
+            msg.genai = inspector.map(|i| Box::new(i.finish()));
             out.push(Http1Event::Message(msg));
         }
         self.body_gap = false;

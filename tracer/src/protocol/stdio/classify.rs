@@ -13,7 +13,7 @@
 use super::json_prefix;
 
 /// The paths read from every line, in the order of the `F_*` indexes below.
-const WANTED: [&str; 16] = [
+const WANTED: [&str; 20] = [
     "event",
     "session_id",
     "data.type",
@@ -30,6 +30,10 @@ const WANTED: [&str; 16] = [
     "data.data.error_type",
     "data.error",
     "data.user_id",
+    "data.data.model",
+    "data.data.delta.usage.prompt_tokens",
+    "data.data.delta.usage.completion_tokens",
+    "data.data.delta.finish_reason",
 ];
 const F_EVENT: usize = 0;
 const F_SESSION: usize = 1;
@@ -47,6 +51,10 @@ const F_DATA_MESSAGE: usize = 12;
 const F_DATA_ERROR_TYPE: usize = 13;
 const F_ERROR: usize = 14;
 const F_USER: usize = 15;
+const F_CHUNK_MODEL: usize = 16;
+const F_PROMPT_TOKENS: usize = 17;
+const F_COMPLETION_TOKENS: usize = 18;
+const F_FINISH_REASON: usize = 19;
 
 /// A plugin invocation request (daemon -> plugin).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,10 +69,20 @@ pub struct Request {
     pub user_id: Option<String>,
 }
 
+/// What a stream chunk says about a model call (an `LLMResultChunk`: `model`, and in
+/// `delta` the `usage` of the last chunk and its `finish_reason`); empty for other chunks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkFacts {
+    pub model: Option<String>,
+    pub prompt_tokens: Option<String>,
+    pub completion_tokens: Option<String>,
+    pub finish_reason: Option<String>,
+}
+
 /// What a session event of the plugin says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEvent {
-    Stream,
+    Stream(ChunkFacts),
     End,
     Error {
         error_type: Option<String>,
@@ -157,7 +175,12 @@ pub fn classify(head: &[u8]) -> Message {
             },
         },
         Some("session") => Kind::Session(match take(F_TYPE).as_deref() {
-            Some("stream") => SessionEvent::Stream,
+            Some("stream") => SessionEvent::Stream(ChunkFacts {
+                model: take(F_CHUNK_MODEL),
+                prompt_tokens: take(F_PROMPT_TOKENS),
+                completion_tokens: take(F_COMPLETION_TOKENS),
+                finish_reason: take(F_FINISH_REASON),
+            }),
             Some("end") => SessionEvent::End,
             Some("error") => SessionEvent::Error {
                 error_type: take(F_DATA_ERROR_TYPE),
@@ -203,7 +226,20 @@ mod tests {
     #[test]
     fn sdk_session_events() {
         let stream = classify(br#"{"event":"session","session_id":"s1","data":{"type":"stream","data":{"type":"text","message":{"text":"a"}}}}"#);
-        assert_eq!(stream.kind, Kind::Session(SessionEvent::Stream));
+        assert_eq!(
+            stream.kind,
+            Kind::Session(SessionEvent::Stream(ChunkFacts::default()))
+        );
+        let last = classify(br#"{"event":"session","session_id":"s1","data":{"type":"stream","data":{"model":"gpt-4o","prompt_messages":[{"role":"user","content":"hi"}],"system_fingerprint":null,"delta":{"index":3,"message":{"role":"assistant","content":""},"usage":{"prompt_tokens":12,"prompt_unit_price":"0","completion_tokens":7,"total_tokens":19},"finish_reason":"stop"}}}}"#);
+        assert_eq!(
+            last.kind,
+            Kind::Session(SessionEvent::Stream(ChunkFacts {
+                model: Some("gpt-4o".into()),
+                prompt_tokens: Some("12".into()),
+                completion_tokens: Some("7".into()),
+                finish_reason: Some("stop".into()),
+            }))
+        );
         let err = classify(br#"{"event":"session","session_id":"s1","data":{"type":"error","data":{"error_type":"ValueError","message":"boom","args":{}}}}"#);
         assert_eq!(
             err.kind,

@@ -5,7 +5,7 @@ mod classify;
 mod framer;
 mod json_prefix;
 
-pub use classify::{BackwardsEvent, Kind, Message, Request, SessionEvent, classify};
+pub use classify::{BackwardsEvent, ChunkFacts, Kind, Message, Request, SessionEvent, classify};
 pub use framer::{LINE_KEEP, Line, LineFramer, MAX_LINE};
 pub use json_prefix::{MAX_VALUE, Scan, scan};
 
@@ -104,7 +104,7 @@ mod tests {
         let whole = kinds(ECHO_STDOUT, usize::MAX);
         let streams = whole
             .iter()
-            .filter(|(k, _)| *k == Kind::Session(SessionEvent::Stream))
+            .filter(|(k, _)| *k == Kind::Session(SessionEvent::Stream(Default::default())))
             .count();
         assert_eq!(streams, 3, "{whole:?}");
         assert!(whole.contains(&(Kind::Heartbeat, None)), "{whole:?}");

@@ -18,11 +18,12 @@ use super::{
     clock::Clock,
     clock::monotonic_ns,
     conn_ends::ConnEnds,
+    genai,
     goroutines::Goroutines,
     h2_attrs,
     http_attrs::{self, Outcome},
     late_binding::LateBinding,
-    model::{AttrValue, FinishedSpan, ProcessResource, SpanKind, SpanLink},
+    model::{AttrValue, FinishedSpan, ProcessResource, SpanKind, SpanLink, SpanStatus},
     plugin::PluginSessions,
     trace_context::TraceContext,
     traceparent,
@@ -765,7 +766,7 @@ impl SpanBuilder {
             Role::Client => pending.request.first.enter_ns,
         };
         let end_ns = end_ns.max(start_ns);
-        let (mut attributes, status) =
+        let (mut attributes, mut status) =
             http_attrs::attributes(kind, &pending.request, outcome, pending.peer);
         let mut name = http_attrs::span_name(&pending.request);
         if role == Role::Server
@@ -784,6 +785,16 @@ impl SpanBuilder {
             ));
         }
         self.mark_tls(key, &mut attributes);
+        let genai = genai::http::http_span(kind, &pending.request, outcome.response(), start_ns);
+        attributes.extend(genai.attrs);
+        if let Some(n) = genai.name {
+            name = n;
+        }
+        if let Some((error_type, message)) = genai.error {
+            attributes.retain(|(k, _)| k != "error.type");
+            attributes.push(("error.type".into(), AttrValue::Str(error_type)));
+            status = SpanStatus::Error(message);
+        }
         self.context
             .body(pending.ids.trace_id, &pending.request.body_prefix);
         if let Some(response) = outcome.response() {
@@ -1298,7 +1309,8 @@ mod tests {
             let client = by_path(&format!("/tool/{t}"));
             assert_eq!(client.parent_span_id, Some(server.span_id), "tenant {t}");
             assert_eq!(client.trace_id, server.trace_id);
-            assert_eq!(server.name, "POST /plugin/:tenant_id/dispatch/tool/invoke");
+            // Dispatch routes are named by kind and action; the Go route stays in http.route.
+            assert_eq!(server.name, "dispatch tool/invoke");
             assert_eq!(
                 server.attr("difytrace.handler.duration_ns"),
                 Some(&AttrValue::Int(2_500))
