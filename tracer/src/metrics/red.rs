@@ -253,6 +253,7 @@ pub(crate) mod tests {
                 pid: 1,
                 executable_name: "x".into(),
                 host_name: "h".into(),
+                container: None,
             }),
         }
     }
