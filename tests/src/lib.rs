@@ -17,6 +17,8 @@
 //!   not only of failed ones.
 
 pub mod agent;
+pub mod agentstats;
+pub mod bpfmaps;
 pub mod difystack;
 pub mod goapp;
 pub mod grpc;

@@ -397,6 +397,7 @@ impl Agent {
                 );
                 self.export_spans();
                 self.procs.forget(proc_event.tgid);
+                self.probes.process_exited(proc_event.tgid);
                 self.go.forget_process(proc_event.tgid);
                 self.native.forget_process(proc_event.tgid);
             }
@@ -602,6 +603,7 @@ impl Agent {
     /// Periodic housekeeping.
     pub fn tick(&mut self) {
         self.own_sockets.refresh();
+        self.probes.sweep_exited();
         let now = monotonic_ns();
         self.conns.evict_idle(now, &mut self.stream_events);
         self.pipes.evict_idle(now);
@@ -626,7 +628,7 @@ impl Agent {
         let tc = &self.builder.context.counters;
         let lb = &self.builder.late.counters;
         info!(
-            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} h2_conns={} h2_streams={} h2_errors={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} cross_process_links={} h2_headerless={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={} go_binaries={} go_unhooked={} go_events={} go_dropped={} go_inflight_full={} go_spawns={} go_client_starts={} go_client_owned={} go_routes={} go_handler_starts={} go_handler_rebound={} go_evicted={} greenlet_libs={} greenlet_switches={} greenlet_rescans={} nginx_binaries={} nginx_events={} nginx_dropped={} native_failed={} trace_joined={} trace_not_joined={} dify_roots={} trace_facts={} trace_facts_evicted={} late_provisional={} late_resolved={} late_fallback={} late_bound={} late_held={} {}",
+            "stats events={events} dropped={dropped} spans={} export_dropped={} copy_failed={} inflight_full={} socket_map_full={} iovec_overflow={} fd_walk_failed={} other_fd_map_full={} records={} decode_errors={} own_connections={} chunks={} messages={} parse_errors={} not_http={} h2_conns={} h2_streams={} h2_errors={} lost_records={} conns={} conns_evicted={} pending={} active_threads={} unmatched_responses={} no_response={} cross_process_links={} h2_headerless={} watched={} pipes={} pipes_muted={} stdio_lines={} stdio_not_json={} stdio_lost_records={} plugin_invocations={} plugin_open={} plugin_orphan_events={} plugin_adopted={} go_binaries={} go_unhooked={} go_events={} go_dropped={} go_inflight_full={} go_spawns={} go_client_starts={} go_client_owned={} go_routes={} go_handler_starts={} go_handler_rebound={} go_evicted={} greenlet_libs={} greenlet_switches={} greenlet_rescans={} nginx_binaries={} nginx_events={} nginx_dropped={} native_failed={} trace_joined={} trace_not_joined={} dify_roots={} trace_facts={} trace_facts_evicted={} late_provisional={} late_resolved={} late_fallback={} late_bound={} late_held={} exited_fd_entries={} export_queued={} export_sent={} {}",
             self.counters.spans,
             export.spans_dropped,
             k[counter::COPY_FAILED as usize],
@@ -693,6 +695,9 @@ impl Agent {
             lb.fallback,
             lb.bound,
             self.builder.late.held_len(),
+            self.probes.exited_fd_entries,
+            export.spans_queued_otlp,
+            export.spans_sent_otlp,
             self.builder
                 .grpc
                 .counters
@@ -810,6 +815,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!("shutting down");
     agent.log_stats();
     agent.exporter.shutdown();
+    // Once more with what the exporter's flush delivered or dropped: the last line's export
+    // counters then add up (spans = export_sent + export_dropped when exporting OTLP).
+    agent.log_stats();
     Ok(())
 }
 

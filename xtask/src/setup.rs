@@ -29,6 +29,8 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "wrk",
     "nginx",
+    // tests/tests/robustness.rs reads the agent's kernel maps from outside.
+    "bpftool",
 ];
 /// Pinned so a CI run tomorrow tests against the same servers as today.
 const PYTHON_PACKAGES: &[&str] = &[
