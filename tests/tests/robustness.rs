@@ -616,7 +616,7 @@ fn hundred_thousand_idle_connections_keep_the_agent_bounded() -> Result<()> {
             .collect();
         let mut cmd = Command::new(&python);
         cmd.arg("-c").arg(IDLE_SERVER).args(&ports);
-        let mut server =
+        let server =
             difytrace_tests::procs::Proc::spawn(&format!("idle-server-{n}"), cmd, dir.path())?;
         difytrace_tests::poll(WAIT, Duration::from_millis(50), || {
             server.stdout().contains("ready").then_some(())
