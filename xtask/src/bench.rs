@@ -69,11 +69,12 @@ impl Target {
         }
     }
 
-    /// The section of a run: saturation and fixed-rate tables are kept side by side.
+    /// The section of a run: saturation and fixed-rate tables (one per rate) are kept side
+    /// by side.
     fn section(self, rate: Option<u32>) -> String {
         match rate {
             None => self.section_id().to_string(),
-            Some(_) => format!("{}-fixed-rate", self.section_id()),
+            Some(rate) => format!("{}-rate-{rate}", self.section_id()),
         }
     }
 
@@ -1496,6 +1497,16 @@ Transfer/sec:    675.98KB
         assert_eq!(format_utc(0), "1970-01-01 00:00");
         assert_eq!(format_utc(951_782_400), "2000-02-29 00:00");
         assert_eq!(format_utc(1_795_620_000), "2026-11-25 15:20");
+    }
+
+    #[test]
+    fn sections_per_target_and_rate() {
+        assert_eq!(Target::parse("grpc").unwrap().section(None), "grpc-go-echo");
+        assert_eq!(
+            Target::parse("go").unwrap().section(Some(500)),
+            "go-gin-tool-rate-500"
+        );
+        assert!(Target::parse("grpcx").is_err());
     }
 
     #[test]
