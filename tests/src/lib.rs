@@ -17,6 +17,8 @@
 //!   not only of failed ones.
 
 pub mod agent;
+pub mod agentstats;
+pub mod bpfmaps;
 pub mod difystack;
 pub mod docker;
 pub mod genai;

@@ -446,6 +446,7 @@ impl Agent {
                 );
                 self.export_spans();
                 self.procs.forget(proc_event.tgid);
+                self.probes.process_exited(proc_event.tgid);
                 self.go.forget_process(proc_event.tgid);
                 self.native.forget_process(proc_event.tgid);
                 self.tls.forget_process(proc_event.tgid);
@@ -675,6 +676,7 @@ impl Agent {
     /// Periodic housekeeping.
     pub fn tick(&mut self) {
         self.own_sockets.refresh();
+        self.probes.sweep_exited();
         let now = monotonic_ns();
         self.conns.evict_idle(now, &mut self.stream_events);
         self.pipes.evict_idle(now);
@@ -783,6 +785,9 @@ impl Agent {
             ("late_fallback", lb.fallback),
             ("late_bound", lb.bound),
             ("late_held", self.builder.late.held_len() as u64),
+            ("exited_fd_entries", self.probes.exited_fd_entries),
+            ("export_queued", export.spans_queued_otlp),
+            ("export_sent", export.spans_sent_otlp),
         ] {
             st.push(key, value);
         }
@@ -1076,6 +1081,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     drop(scrape_tx);
+    // Once more with what the exporter's flush delivered or dropped: the last line's export
+    // counters then add up (spans = export_sent + export_dropped when exporting OTLP).
+    agent.log_stats();
     Ok(())
 }
 

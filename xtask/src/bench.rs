@@ -15,6 +15,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 
+mod loadgen;
+
+use loadgen::Workload;
+
 use crate::agent::{Profile, build_agent};
 use crate::say;
 use crate::setup::{self, HostChecks};
@@ -26,6 +30,8 @@ const SERVER_COMM: &str = "gunicorn";
 /// The Go fixture's binary names (and so comms): the gin service and the tool it calls.
 const GO_DAEMON_COMM: &str = "godaemon";
 const GO_TOOL_COMM: &str = "gotool";
+/// tests/fixtures/grpc's binary name (and so comm): the grpc-go echo server.
+const GRPC_COMM: &str = "grpcfixture";
 
 /// A service set the benchmark loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +43,9 @@ pub enum Target {
     /// tests/fixtures/godaemon: gin `POST /plugin/:tenant_id/dispatch/tool/invoke`, whose
     /// handler calls a Go net/http tool service from a new goroutine.
     Go,
+    /// tests/fixtures/grpc: the grpc-go echo server, `UnaryEcho` over h2c, loaded by
+    /// tests/fixtures/grpcload.
+    Grpc,
 }
 
 impl Target {
@@ -45,7 +54,8 @@ impl Target {
             "gunicorn" => Ok(Target::Gunicorn),
             "gevent" => Ok(Target::Gevent),
             "go" => Ok(Target::Go),
-            other => bail!("bench: unknown target {other:?} (gunicorn, gevent, go)"),
+            "grpc" => Ok(Target::Grpc),
+            other => bail!("bench: unknown target {other:?} (gunicorn, gevent, go, grpc)"),
         }
     }
 
@@ -55,6 +65,16 @@ impl Target {
             Target::Gunicorn => "gunicorn-flask-hello",
             Target::Gevent => "gunicorn-gevent-hello",
             Target::Go => "go-gin-tool",
+            Target::Grpc => "grpc-go-echo",
+        }
+    }
+
+    /// The section of a run: saturation and fixed-rate tables (one per rate) are kept side
+    /// by side.
+    fn section(self, rate: Option<u32>) -> String {
+        match rate {
+            None => self.section_id().to_string(),
+            Some(rate) => format!("{}-rate-{rate}", self.section_id()),
         }
     }
 
@@ -62,6 +82,7 @@ impl Target {
         match self {
             Target::Gunicorn | Target::Gevent => &[SERVER_COMM],
             Target::Go => &[GO_DAEMON_COMM, GO_TOOL_COMM],
+            Target::Grpc => &[GRPC_COMM],
         }
     }
 }
@@ -69,9 +90,7 @@ impl Target {
 /// The servers of one target, up for the whole run.
 struct Service {
     _procs: Vec<Proc>,
-    url: String,
-    /// wrk Lua script (the Go target POSTs).
-    script: Option<PathBuf>,
+    workload: Workload,
     title: String,
     description: String,
 }
@@ -96,6 +115,9 @@ pub struct Options {
     pub threads: u32,
     pub warmup_secs: u64,
     pub targets: Vec<Target>,
+    /// Requests per second for an open-loop run with the project's load generator (latency
+    /// from each request's due time); None = saturation (wrk, or loadgen for gRPC).
+    pub rate: Option<u32>,
     /// Baseline only: no agent rounds, no build, no root needed, docs left alone.
     pub off_only: bool,
     pub write_docs: bool,
@@ -111,7 +133,8 @@ impl Default for Options {
             connections: 16,
             threads: 2,
             warmup_secs: 2,
-            targets: vec![Target::Gunicorn, Target::Gevent, Target::Go],
+            targets: vec![Target::Gunicorn, Target::Gevent, Target::Go, Target::Grpc],
+            rate: None,
             off_only: false,
             write_docs: true,
             command_line: "cargo xtask bench".to_string(),
@@ -122,6 +145,9 @@ impl Default for Options {
 pub fn bench(opts: &Options) -> Result<()> {
     if opts.rounds == 0 || opts.duration_secs == 0 || opts.connections == 0 || opts.threads == 0 {
         bail!("--rounds, --duration, --connections and --threads must be at least 1");
+    }
+    if opts.rate == Some(0) {
+        bail!("--rate must be at least 1 request per second");
     }
     if opts.connections < opts.threads {
         bail!("wrk needs at least as many connections as threads");
@@ -164,9 +190,13 @@ fn bench_target(opts: &Options, target: Target, agent: Option<&Path>, dir: &Path
         Target::Gunicorn => start_gunicorn(dir, "sync")?,
         Target::Gevent => start_gunicorn(dir, "gevent")?,
         Target::Go => start_go(dir)?,
+        Target::Grpc => start_grpc(dir)?,
     };
-    let url = service.url.clone();
-    let script = service.script.as_deref();
+    let loadgen_bin = match (&service.workload, opts.rate) {
+        (Workload::Http { .. }, None) => None,
+        _ => Some(loadgen::build(dir)?),
+    };
+    let load = |secs: u64| run_load(opts, &service.workload, loadgen_bin.as_deref(), secs);
 
     // Other work on the machine is noise: record how busy it was (1-minute load average)
     // as the load starts. A build just before still weighs on it; the number is a hint.
@@ -175,17 +205,16 @@ fn bench_target(opts: &Options, target: Target, agent: Option<&Path>, dir: &Path
         .and_then(|l| l.split_whitespace().next().map(str::to_string));
     if opts.warmup_secs > 0 {
         say!("warm-up: {}s", opts.warmup_secs);
-        run_wrk(opts, &url, script, opts.warmup_secs).context("warm-up round")?;
+        load(opts.warmup_secs).context("warm-up round")?;
     }
 
     let mut rounds = Vec::new();
     for i in 1..=opts.rounds {
-        let off = run_wrk(opts, &url, script, opts.duration_secs)
-            .with_context(|| format!("round {i}, agent off"))?;
+        let off = load(opts.duration_secs).with_context(|| format!("round {i}, agent off"))?;
         say!("round {i}/{} off: {}", opts.rounds, off.summary());
         let on = match agent {
             Some(bin) => {
-                let on = run_agent_round(opts, bin, dir, target, i, &url, script)
+                let on = run_agent_round(opts, bin, dir, target, i, &load)
                     .with_context(|| format!("round {i}, agent on"))?;
                 say!("round {i}/{} on:  {}", opts.rounds, on.wrk.summary());
                 Some(on)
@@ -216,7 +245,7 @@ fn bench_target(opts: &Options, target: Target, agent: Option<&Path>, dir: &Path
             &notes,
         );
         let path = workspace_root().join(DOCS_FILE);
-        write_section(&path, target.section_id(), &section)?;
+        write_section(&path, &target.section(opts.rate), &section)?;
         say!("wrote the results into {}", path.display());
     }
     drop(service);
@@ -344,8 +373,11 @@ fn start_gunicorn(dir: &Path, worker_class: &str) -> Result<Service> {
     .unwrap_or_else(|| "Flask / gunicorn".to_string());
     Ok(Service {
         _procs: vec![server],
-        url: format!("http://127.0.0.1:{port}/hello"),
-        script: None,
+        workload: Workload::Http {
+            url: format!("http://127.0.0.1:{port}/hello"),
+            wrk_script: None,
+            post_json: None,
+        },
         title: format!("gunicorn + Flask, `GET /hello`, {worker_class} workers"),
         description: format!("{versions}, {GUNICORN_WORKERS} {worker_class} workers on 127.0.0.1"),
     })
@@ -402,17 +434,23 @@ fn start_go(dir: &Path) -> Result<Service> {
         port,
         "/health",
     )?;
+    let body = r#"{"data":{"provider":"bench"}}"#;
     let script = dir.join("post.lua");
     std::fs::write(
         &script,
-        "wrk.method = \"POST\"\nwrk.body = '{\"data\":{\"provider\":\"bench\"}}'\n\
-         wrk.headers[\"Content-Type\"] = \"application/json\"\n",
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{body}'\n\
+             wrk.headers[\"Content-Type\"] = \"application/json\"\n"
+        ),
     )
     .context("writing the wrk script")?;
     Ok(Service {
         _procs: vec![daemon, tool],
-        url: format!("http://127.0.0.1:{port}/plugin/bench/dispatch/tool/invoke"),
-        script: Some(script),
+        workload: Workload::Http {
+            url: format!("http://127.0.0.1:{port}/plugin/bench/dispatch/tool/invoke"),
+            wrk_script: Some(script),
+            post_json: Some(body.to_string()),
+        },
         title: "Go gin service calling a Go net/http service, \
                 `POST /plugin/:tenant_id/dispatch/tool/invoke`"
             .to_string(),
@@ -420,6 +458,64 @@ fn start_go(dir: &Path) -> Result<Service> {
             "tests/fixtures/godaemon built by {go_version}: gin handler spawns a goroutine \
              that calls the tool service over a keep-alive http.Client (one inbound request = \
              2 SERVER + 1 CLIENT spans)"
+        ),
+    })
+}
+
+/// Builds tests/fixtures/grpc and starts its grpc-go echo server (grpc-go uprobes: server
+/// handler start/end and status per RPC).
+fn start_grpc(dir: &Path) -> Result<Service> {
+    let src = workspace_root().join("tests/fixtures/grpc");
+    let bin = dir.join(GRPC_COMM);
+    let mut build = command("go");
+    build
+        .current_dir(&src)
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".");
+    say!("$ {}", display(&build));
+    crate::util::capture(&mut build).context("building the gRPC fixture (is `go` on PATH?)")?;
+    let go_version = crate::util::probe(command("go").arg("version"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "go".to_string());
+    let port = free_port()?;
+    let log_path = dir.join("grpc-server.log");
+    let log = std::fs::File::create(&log_path).context("creating grpc-server.log")?;
+    let mut cmd = command(&bin);
+    cmd.args(["server", "-listen", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    say!("$ {}", display(&cmd));
+    let mut proc = Proc {
+        name: GRPC_COMM,
+        child: cmd.spawn().context("starting the gRPC server")?,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = proc.exited() {
+            bail!(
+                "the gRPC server exited ({status}):\n{}",
+                tail(&log_path, 20)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the gRPC server did not listen within 30s:\n{}",
+                tail(&log_path, 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(Service {
+        _procs: vec![proc],
+        workload: Workload::Grpc {
+            target: format!("127.0.0.1:{port}"),
+        },
+        title: "grpc-go echo server, unary `grpc.examples.echo.Echo/UnaryEcho`".to_string(),
+        description: format!(
+            "tests/fixtures/grpc built by {go_version} (grpc-go v1.85.0, h2c on 127.0.0.1; it \
+             logs one line per RPC to a file); one RPC = 1 SERVER span"
         ),
     })
 }
@@ -570,6 +666,61 @@ fn run_wrk(opts: &Options, url: &str, script: Option<&Path>, secs: u64) -> Resul
     parse_wrk(&out).with_context(|| format!("could not read wrk's output:\n{out}"))
 }
 
+/// One load run of `secs` seconds: wrk for HTTP at saturation, the project's loadgen for
+/// gRPC and for every fixed-rate run.
+fn run_load(
+    opts: &Options,
+    workload: &Workload,
+    loadgen_bin: Option<&Path>,
+    secs: u64,
+) -> Result<WrkResult> {
+    match (workload, opts.rate, loadgen_bin) {
+        (
+            Workload::Http {
+                url, wrk_script, ..
+            },
+            None,
+            _,
+        ) => run_wrk(opts, url, wrk_script.as_deref(), secs),
+        (_, rate, Some(bin)) => loadgen::run(
+            bin,
+            &loadgen::args(workload, opts.connections, opts.threads, secs, rate),
+        ),
+        (_, _, None) => bail!("the load generator was not built"),
+    }
+}
+
+/// The load command of a run, as the docs show it.
+fn load_command(opts: &Options, workload: &Workload) -> String {
+    match (workload, opts.rate) {
+        (Workload::Http { wrk_script, .. }, None) => format!(
+            "wrk{} -t{} -c{} -d{}s --latency",
+            if wrk_script.is_some() {
+                " -s post.lua"
+            } else {
+                ""
+            },
+            opts.threads,
+            opts.connections,
+            opts.duration_secs
+        ),
+        (_, rate) => {
+            let args = loadgen::args(
+                workload,
+                opts.connections,
+                opts.threads,
+                opts.duration_secs,
+                rate,
+            )
+            .into_iter()
+            .filter(|a| !a.starts_with("http://") && !a.starts_with("127.0.0.1:"))
+            .collect::<Vec<_>>()
+            .join(" ");
+            format!("tests/fixtures/grpcload {args}")
+        }
+    }
+}
+
 fn parse_wrk(out: &str) -> Result<WrkResult> {
     let mut result = WrkResult::default();
     let mut rps = None;
@@ -636,6 +787,8 @@ struct AgentRound {
     rss_kib: Option<u64>,
     hwm_kib: Option<u64>,
     stats: Option<AgentStats>,
+    /// Seconds of load the round ran (events/s divides by it).
+    load_secs: f64,
     /// Non-empty when the agent exited during the round or would not stop.
     trouble: Vec<String>,
 }
@@ -652,8 +805,7 @@ fn run_agent_round(
     dir: &Path,
     target: Target,
     round: u32,
-    url: &str,
-    script: Option<&Path>,
+    load: &dyn Fn(u64) -> Result<WrkResult>,
 ) -> Result<AgentRound> {
     let name = target.section_id();
     let ready = dir.join(format!("agent-{name}-{round}.ready"));
@@ -704,10 +856,10 @@ fn run_agent_round(
     // the event loop); the load must not start before.
     // Native (greenlet) uprobes too: gunicorn is adopted at start-up and hooked at once, but
     // the attach is logged after the ready file.
-    if matches!(target, Target::Go | Target::Gevent) {
+    if matches!(target, Target::Go | Target::Gevent | Target::Grpc) {
         std::thread::sleep(Duration::from_secs(2));
     }
-    let wrk = run_wrk(opts, url, script, opts.duration_secs)?;
+    let wrk = load(opts.duration_secs)?;
     let wall = started.elapsed().as_secs_f64();
     let cpu_after = proc_cpu_ticks(agent.pid());
     let (rss_kib, hwm_kib) = proc_memory_kib(agent.pid());
@@ -754,6 +906,7 @@ fn run_agent_round(
         rss_kib,
         hwm_kib,
         stats,
+        load_secs: opts.duration_secs as f64,
         trouble,
     })
 }
@@ -899,6 +1052,7 @@ struct Row {
     rss_kib: Option<f64>,
     hwm_kib: Option<f64>,
     events: Option<f64>,
+    events_per_sec: Option<f64>,
     dropped: Option<f64>,
     spans: Option<f64>,
 }
@@ -938,6 +1092,10 @@ impl Row {
             rss_kib: on.and_then(|r| r.rss_kib).map(|v| v as f64),
             hwm_kib: on.and_then(|r| r.hwm_kib).map(|v| v as f64),
             events: stat(|s| s.events),
+            events_per_sec: stat(|s| s.events)
+                .zip(on.map(|r| r.load_secs))
+                .filter(|(_, secs)| *secs > 0.0)
+                .map(|(events, secs)| events / secs),
             dropped: stat(|s| s.dropped),
             spans: stat(|s| s.spans),
         }
@@ -960,6 +1118,7 @@ impl Row {
             rss_kib: m(|r| r.rss_kib),
             hwm_kib: m(|r| r.hwm_kib),
             events: m(|r| r.events),
+            events_per_sec: m(|r| r.events_per_sec),
             dropped: m(|r| r.dropped),
             spans: m(|r| r.spans),
         }
@@ -984,6 +1143,7 @@ impl Row {
             fmt_opt(self.cpu_per_1k, 4),
             format!("{} / {}", mib(self.rss_kib), mib(self.hwm_kib)),
             fmt_opt(self.events, 0),
+            fmt_opt(self.events_per_sec, 0),
             fmt_opt(self.dropped, 0),
             fmt_opt(self.spans, 0),
         ]
@@ -1005,6 +1165,7 @@ const HEADERS: &[&str] = &[
     "CPU s/s per 1k req/s",
     "RSS / peak MiB",
     "events",
+    "events/s",
     "dropped",
     "spans",
 ];
@@ -1059,11 +1220,17 @@ fn render_notes(rounds: &[Round]) -> String {
     for (i, round) in rounds.iter().enumerate() {
         let n = i + 1;
         for e in &round.off.errors {
-            let _ = writeln!(out, "- round {n}, agent off: wrk reported `{e}`");
+            let _ = writeln!(
+                out,
+                "- round {n}, agent off: the load generator reported `{e}`"
+            );
         }
         if let Some(on) = &round.on {
             for e in &on.wrk.errors {
-                let _ = writeln!(out, "- round {n}, agent on: wrk reported `{e}`");
+                let _ = writeln!(
+                    out,
+                    "- round {n}, agent on: the load generator reported `{e}`"
+                );
             }
             for t in &on.trouble {
                 let _ = writeln!(out, "- round {n}, agent on: {}", t.replace('\n', "\n  "));
@@ -1099,18 +1266,14 @@ fn render_section(
         .unwrap_or_else(|| "?".to_string());
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load = load.unwrap_or("?");
-    let section_id = target.section_id();
+    let section_id = target.section(opts.rate);
     let comms: Vec<String> = target
         .comms()
         .iter()
         .map(|c| format!("--comm {c}"))
         .collect();
     let comms = comms.join(" ");
-    let load_tool = if service.script.is_some() {
-        " -s post.lua"
-    } else {
-        ""
-    };
+    let load_command = load_command(opts, &service.workload);
     let commit = crate::util::probe(command("git").current_dir(workspace_root()).args([
         "rev-parse",
         "--short",
@@ -1124,7 +1287,14 @@ fn render_section(
         s,
         "<!-- bench:{section_id} begin (written by cargo xtask bench) -->"
     );
-    let _ = writeln!(s, "## {}\n", service.title);
+    match opts.rate {
+        None => {
+            let _ = writeln!(s, "## {}\n", service.title);
+        }
+        Some(rate) => {
+            let _ = writeln!(s, "## {}, at a fixed {rate} req/s\n", service.title);
+        }
+    }
     let _ = writeln!(s, "- command: `{}`", opts.command_line);
     let _ = writeln!(s, "- date: {} UTC; agent at commit {commit}", utc_now());
     let _ = writeln!(
@@ -1134,14 +1304,9 @@ fn render_section(
     );
     let _ = writeln!(
         s,
-        "- server: {}; load: `wrk{load_tool} -t{} -c{} -d{}s --latency`, {} rounds of agent \
-         off then on, after a {}s warm-up",
-        service.description,
-        opts.threads,
-        opts.connections,
-        opts.duration_secs,
-        opts.rounds,
-        opts.warmup_secs
+        "- server: {}; load: `{load_command}`, {} rounds of agent off then on, after a {}s \
+         warm-up",
+        service.description, opts.rounds, opts.warmup_secs
     );
     let _ = writeln!(
         s,
@@ -1335,6 +1500,16 @@ Transfer/sec:    675.98KB
     }
 
     #[test]
+    fn sections_per_target_and_rate() {
+        assert_eq!(Target::parse("grpc").unwrap().section(None), "grpc-go-echo");
+        assert_eq!(
+            Target::parse("go").unwrap().section(Some(500)),
+            "go-gin-tool-rate-500"
+        );
+        assert!(Target::parse("grpcx").is_err());
+    }
+
+    #[test]
     fn median_row_pairs_rounds() {
         let wrk = |rps: f64, p50: f64| WrkResult {
             requests_per_sec: rps,
@@ -1350,6 +1525,7 @@ Transfer/sec:    675.98KB
                 rss_kib: Some(2048),
                 hwm_kib: None,
                 stats: None,
+                load_secs: 10.0,
                 trouble: vec![],
             }),
         };

@@ -40,12 +40,14 @@ COMMANDS:
         setup --with-test-deps, fmt check, clippy, build the release agent, run the tests.
         This is what CI runs. TEST ARGS go to the test binaries (a name filter, say).
     bench [--duration SECS] [--rounds N] [--connections C] [--threads T]
-          [--warmup SECS] [--targets gunicorn,gevent,go] [--off-only] [--no-docs]
+          [--warmup SECS] [--targets gunicorn,gevent,go,grpc] [--rate R] [--off-only] [--no-docs]
         Load each target (gunicorn/Flask sync workers; the same on gevent workers; the Go
-        gin service of tests/fixtures/godaemon calling a Go tool service) with wrk,
+        gin service of tests/fixtures/godaemon calling a Go tool service; the grpc-go echo
+        server of tests/fixtures/grpc, loaded by tests/fixtures/grpcload) with wrk,
         alternating rounds without and with the agent (defaults: all targets, 10 s, 3 rounds each, 16
         connections, 2 threads, 2 s warm-up); print a table per target and write it into
-        docs/benchmarks.md (not with --no-docs).
+        docs/benchmarks.md (not with --no-docs). --rate R: open loop at R req/s with
+        tests/fixtures/grpcload for every target (latency from each request's due time).
         --off-only runs the baseline alone (no agent, no root, docs untouched).
     fuzz [--seconds N]
         Run every parser's fuzz target (tracer/fuzz: http1, http2, stdio, gobin) for N seconds
@@ -200,6 +202,7 @@ fn parse_bench_args(args: &[String]) -> Result<bench::Options> {
                     .map(bench::Target::parse)
                     .collect::<Result<Vec<_>>>()?
             }
+            "--rate" => opts.rate = Some(parse_num(name, &value()?)?),
             "--off-only" => opts.off_only = true,
             "--no-docs" => opts.write_docs = false,
             other => bail!("bench: unknown option {other:?} (see cargo xtask help)"),

@@ -40,6 +40,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-flask",
     "gunicorn",
     "python3-gevent",
+    // tests/tests/robustness.rs reads the agent's kernel maps from outside.
+    "bpftool",
 ];
 /// Pinned so a CI run tomorrow tests against the same servers as today.
 const PYTHON_PACKAGES: &[&str] = &[

@@ -91,6 +91,12 @@ pub struct Probes {
     ring: Option<RingBuf<MapData>>,
     watched: BpfHashMap<MapData, u32, u8>,
     sockets: BpfHashMap<MapData, u64, SockInfo>,
+    /// fds known not to be followed, keyed like `sockets`.
+    other_fds: BpfHashMap<MapData, u64, u8>,
+    /// Processes that exited since the last [`Probes::sweep_exited`].
+    exited: std::collections::HashSet<u32>,
+    /// `SOCKETS` and `OTHER_FDS` entries of exited processes removed by the sweep.
+    pub exited_fd_entries: u64,
     counters: PerCpuArray<MapData, u64>,
     cgroup_filter: BpfHashMap<MapData, u64, u8>,
     /// `tracer_common::feature` bits the kernel side was loaded with.
@@ -178,6 +184,7 @@ impl Probes {
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
         let watched = BpfHashMap::try_from(ebpf.take_map("WATCHED").context("map WATCHED")?)?;
         let sockets = BpfHashMap::try_from(ebpf.take_map("SOCKETS").context("map SOCKETS")?)?;
+        let other_fds = BpfHashMap::try_from(ebpf.take_map("OTHER_FDS").context("map OTHER_FDS")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS")?)?;
         let cgroup_filter = BpfHashMap::try_from(
             ebpf.take_map("CGROUP_FILTER")
@@ -209,6 +216,9 @@ impl Probes {
             ring: Some(ring),
             watched,
             sockets,
+            other_fds,
+            exited: std::collections::HashSet::new(),
+            exited_fd_entries: 0,
             counters,
             cgroup_filter,
             features,
@@ -311,6 +321,51 @@ impl Probes {
     /// Takes a cgroup out of the kernel's container filter.
     pub fn unselect_cgroup(&mut self, cgroup_id: u64) {
         let _ = self.cgroup_filter.remove(&cgroup_id);
+    }
+
+    /// Notes a process exit for [`Probes::sweep_exited`]. A process that exits holding fds
+    /// leaves their (tgid, fd) entries behind: the kernel closes them without a close()
+    /// syscall. Left there, they would fill the LRU maps and, once the pid is reused, make a
+    /// new process's fd look like a socket (or like an fd not to follow) that it is not.
+    pub fn process_exited(&mut self, tgid: u32) {
+        self.exited.insert(tgid);
+    }
+
+    /// Removes the `SOCKETS` and `OTHER_FDS` entries of the processes that exited since the
+    /// last sweep. One pass over both maps for all of them, so a burst of exits costs one
+    /// walk, not one per process.
+    pub fn sweep_exited(&mut self) {
+        if self.exited.is_empty() {
+            return;
+        }
+        let exited = std::mem::take(&mut self.exited);
+        let of_exited = |key: &u64| exited.contains(&((key >> 32) as u32));
+        let stale: Vec<u64> = self
+            .sockets
+            .keys()
+            .filter_map(Result::ok)
+            .filter(of_exited)
+            .collect();
+        for key in &stale {
+            let _ = self.sockets.remove(key);
+        }
+        let stale_other: Vec<u64> = self
+            .other_fds
+            .keys()
+            .filter_map(Result::ok)
+            .filter(of_exited)
+            .collect();
+        for key in &stale_other {
+            let _ = self.other_fds.remove(key);
+        }
+        let removed = (stale.len() + stale_other.len()) as u64;
+        if removed > 0 {
+            debug!(
+                processes = exited.len(),
+                removed, "removed fd entries of exited processes"
+            );
+        }
+        self.exited_fd_entries += removed;
     }
 
     /// Number of entries in the watched map (for self-statistics).

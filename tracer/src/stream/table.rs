@@ -16,6 +16,8 @@ use crate::protocol::{
 
 /// Connections tracked at once; beyond it the least recently active one is evicted.
 pub const MAX_CONNS: usize = 32768;
+/// Connections evicted together when the table is full (1/32 of it).
+const EVICT_BATCH: usize = MAX_CONNS / 32;
 /// A connection silent for this long is dropped (its close was lost, or it idles forever).
 pub const IDLE_EVICT_NS: u64 = 15 * 60 * 1_000_000_000;
 /// Chunks of a connection whose role cannot be inferred before it is given up.
@@ -437,24 +439,32 @@ impl ConnTable {
         }
     }
 
+    /// At capacity, evicts the [`EVICT_BATCH`] least recently active connections at once:
+    /// finding the oldest is a pass over the whole table, and one pass per new connection
+    /// (a watched process holding many idle connections and opening more) cost the agent so
+    /// much that the ring buffer overran.
     fn make_room(&mut self, out: &mut Vec<StreamEvent>) {
         if self.conns.len() < MAX_CONNS {
             return;
         }
-        if let Some(oldest) = self
+        let mut by_age: Vec<(u64, ConnKey)> = self
             .conns
             .iter()
-            .min_by_key(|(_, c)| c.last_seen_ns)
-            .map(|(k, _)| *k)
-        {
-            debug!(
-                ?oldest,
-                "connection table full: evicting the least recently active"
-            );
+            .map(|(k, c)| (c.last_seen_ns, *k))
+            .collect();
+        let n = EVICT_BATCH.min(by_age.len());
+        if n == 0 {
+            return;
+        }
+        by_age.select_nth_unstable_by_key(n - 1, |(seen, _)| *seen);
+        debug!(
+            evicted = n,
+            "connection table full: evicting the least recently active"
+        );
+        for &(seen, key) in &by_age[..n] {
             self.counters.evicted += 1;
-            self.by_fd.remove(&(oldest.tgid, oldest.fd));
-            let now = self.conns.get(&oldest).map(|c| c.last_seen_ns).unwrap_or(0);
-            self.finish(oldest, now, out);
+            self.by_fd.remove(&(key.tgid, key.fd));
+            self.finish(key, seen, out);
         }
     }
 
@@ -660,5 +670,55 @@ fn emit(
             counters.parse_errors += 1;
             debug!(?key, %err, "HTTP/1.1 parse error");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_table_evicts_the_least_recently_active_in_one_batch() {
+        let mut table = ConnTable::new();
+        let mut out = Vec::new();
+        let key = |i: usize| ConnKey {
+            tgid: 7,
+            fd: i as i32,
+            conn_id: i as u64 + 1,
+        };
+        for i in 0..MAX_CONNS {
+            table.open(key(i), Some(Role::Client), None, 1_000 + i as u64, &mut out);
+        }
+        assert_eq!((table.len(), table.counters.evicted), (MAX_CONNS, 0));
+        table.open(
+            key(MAX_CONNS),
+            Some(Role::Client),
+            None,
+            u64::MAX / 2,
+            &mut out,
+        );
+        assert_eq!(table.len(), MAX_CONNS - EVICT_BATCH + 1);
+        assert_eq!(table.counters.evicted, EVICT_BATCH as u64);
+        // The oldest ones went, each reported as closed; the newest stayed.
+        let closed: Vec<ConnKey> = out
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Closed { key, .. } => Some(*key),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed.len(), EVICT_BATCH);
+        assert!(closed.iter().all(|k| (k.fd as usize) < EVICT_BATCH));
+        assert!(table.conns.contains_key(&key(MAX_CONNS)));
+        assert!(table.conns.contains_key(&key(EVICT_BATCH)));
+        // Room again: the next connections evict nothing until the table is full again.
+        table.open(
+            key(MAX_CONNS + 1),
+            Some(Role::Client),
+            None,
+            u64::MAX / 2,
+            &mut out,
+        );
+        assert_eq!(table.counters.evicted, EVICT_BATCH as u64);
     }
 }
