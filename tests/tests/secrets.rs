@@ -17,6 +17,7 @@ use difytrace_tests::agent::Agent;
 use difytrace_tests::genai::{self, GenAiStack};
 use difytrace_tests::grpc::{GO_COMM, GrpcFixture, GrpcServer, UNARY_METHOD};
 use difytrace_tests::otlp_receiver::{OtlpReceiver, ReceivedSpan};
+use difytrace_tests::procs::{free_port, http_get, local};
 use difytrace_tests::python::{Gunicorn, GunicornOpts};
 use serde_json::json;
 
@@ -72,6 +73,14 @@ fn run(test: &str, extra: &[&str]) -> Result<()> {
         args.extend(["--comm".to_string(), c.to_string()]);
     }
     args.extend(["--otlp-endpoint".to_string(), rx.grpc_endpoint()]);
+    // Metrics too, both ways: their labels must not carry a secret either.
+    let metrics_addr = local(free_port());
+    args.extend([
+        "--metrics-addr".to_string(),
+        metrics_addr.to_string(),
+        "--metrics-interval".to_string(),
+        "1".to_string(),
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut agent = Agent::start(&args)?;
     let grpc_server = GrpcServer::start(&grpc)?;
@@ -175,9 +184,41 @@ fn run(test: &str, extra: &[&str]) -> Result<()> {
             .any(|s| s.pid() == Some(stack.client.pid()) && s.is_client()),
         "no span of the httpx client"
     );
+    check_metrics(&agent, &rx, metrics_addr)?;
     agent.ensure_running()?;
     drop(stack);
     Ok(())
+}
+
+/// The Prometheus page and the OTLP metrics, once they hold the echo request's series, carry
+/// no secret.
+fn check_metrics(agent: &Agent, rx: &OtlpReceiver, addr: std::net::SocketAddr) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = http_get(addr, "/metrics", &[])
+            .context("GET /metrics")?
+            .text();
+        let points = format!("{:?}", rx.metric_points());
+        let complete = page.contains("http_server_request_duration")
+            && points.contains("http.server.request.duration");
+        if complete {
+            for secret in SECRETS {
+                ensure!(!page.contains(secret), "{secret} leaked into /metrics");
+                ensure!(
+                    !points.contains(secret),
+                    "{secret} leaked into OTLP metrics"
+                );
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(agent.annotate(anyhow::anyhow!(
+                "no request metrics after 20 s (OTLP metric requests: {})",
+                rx.metric_requests()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 #[test]

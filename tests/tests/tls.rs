@@ -260,6 +260,25 @@ fn check_tls_spans(
     Ok(mine)
 }
 
+/// The model call's GenAI attributes, read from the plaintext bodies: the fake provider
+/// answers model `fake-gpt` with 11 prompt and 7 completion tokens, streamed (usage in the
+/// last chunk) or not.
+fn check_genai(mine: &[ReceivedSpan], what: &str) -> Result<()> {
+    for s in mine {
+        let ok = s.attr_str("gen_ai.operation.name").as_deref() == Some("chat")
+            && s.attr_str("gen_ai.provider.name").as_deref() == Some("openai")
+            && s.attr_str("gen_ai.request.model").as_deref() == Some("fake-gpt")
+            && s.attr_int("gen_ai.usage.input_tokens") == Some(11)
+            && s.attr_int("gen_ai.usage.output_tokens") == Some(7);
+        ensure!(
+            ok,
+            "{what}: no model and token usage from the plaintext: {}",
+            s.summary()
+        );
+    }
+    Ok(())
+}
+
 /// The client's spans match its answers one to one in body sizes: the plaintext bodies
 /// reached the parser whole (the streamed answer is chunked SSE).
 fn check_body_sizes(mine: &[ReceivedSpan], answers: &[Answer], what: &str) -> Result<()> {
@@ -417,6 +436,9 @@ fn openssl_and_go_tls_plaintext_spans() -> Result<()> {
     let servers = check_tls_spans(&spans, provider_pid, "provider", false, 4)?;
     check_body_sizes(&py_spans, &py_answers, "python client")?;
     check_body_sizes(&go_spans, &go_answers, "go client")?;
+    check_genai(&py_spans, "python client")?;
+    check_genai(&go_spans, "go client")?;
+    check_genai(&servers, "provider")?;
     let clients: Vec<ReceivedSpan> = py_spans.iter().chain(&go_spans).cloned().collect();
     check_linked(&servers, &clients)?;
     check_body_ids(&spans, &py_spans, "py")?;
