@@ -327,11 +327,14 @@ const OUTAGE: Duration = Duration::from_secs(60);
 /// Pause between two requests of the outage load (one client: modest load, ~50–80 req/s).
 const OUTAGE_PACE: Duration = Duration::from_millis(10);
 /// What the export side may hold while the backend is down: the dispatcher's channel, and
-/// per traced process the batch processor's queue plus the batch being exported
-/// (`tracer/src/export/otlp/mod.rs`: DISPATCH_QUEUE, OTLP_QUEUE_PER_RESOURCE; the SDK's
-/// default batch of 512).
+/// per traced process the batch processor's queue, the batch being exported and the spans
+/// of failed exports kept for a retry (`tracer/src/export/otlp/mod.rs`: DISPATCH_QUEUE,
+/// OTLP_QUEUE_PER_RESOURCE; the SDK's default batch of 512; pipeline.rs: the retry buffer
+/// holds one queue's worth).
 const DISPATCH_QUEUE: usize = 8192;
-const QUEUE_PER_RESOURCE: usize = 2048 + 512;
+const QUEUE_PER_RESOURCE: usize = 2048 + 512 + 2048;
+/// Spans of failed exports kept per traced process for the retry.
+const HELD_PER_RESOURCE: usize = 2048;
 /// Growth of the agent's RSS allowed over the outage: the queues above full of spans
 /// (a few KiB each) fit in well under this.
 const OUTAGE_RSS_GROWTH_KIB: u64 = 96 * 1024;
@@ -471,6 +474,15 @@ fn otlp_backend_down_for_a_minute_under_load() -> Result<()> {
     ensure!(
         outage_delivered <= capacity,
         "{outage_delivered} spans of the outage delivered, more than the queues hold ({capacity})"
+    );
+    // What fits is delivered once the backend is back: at least one retry buffer's worth
+    // (or every outage request, if fewer), whatever the split over the workers. Half of it,
+    // since a worker recycled or a batch cut off at the switch may take a share.
+    let fits = HELD_PER_RESOURCE.min(sent_during);
+    ensure!(
+        outage_delivered >= fits / 2,
+        "only {outage_delivered} spans of the outage delivered once the backend was back (of {sent_during} requests; at least {} fit)",
+        fits / 2
     );
     let produced = counter(&final_stats, "spans")?;
     let sent_total = counter(&final_stats, "export_sent")?;

@@ -60,6 +60,42 @@ impl Shared {
         }
     }
 
+    /// Exports are failing: batches are then kept for a retry.
+    pub(super) fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    /// A failed export whose spans are kept for the next one, but for the `dropped` oldest
+    /// that did not fit.
+    pub(super) fn export_held(
+        &self,
+        spans: usize,
+        dropped: usize,
+        e: &opentelemetry_sdk::error::OTelSdkError,
+    ) {
+        self.failed_exports.fetch_add(1, Ordering::Relaxed);
+        if dropped > 0 {
+            self.dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+            self.failed_spans
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+        if let Some(suppressed) = self.export_warn.check() {
+            tracing::warn!(
+                error = %e,
+                spans,
+                dropped,
+                suppressed_failures = suppressed,
+                "OTLP export failed; spans kept for the next export, the oldest beyond the queue size dropped"
+            );
+        }
+    }
+
+    /// Held spans never delivered (the agent stops while the backend is down).
+    pub(super) fn drop_held(&self, spans: usize) {
+        self.dropped.fetch_add(spans as u64, Ordering::Relaxed);
+        self.failed_spans.fetch_add(spans as u64, Ordering::Relaxed);
+    }
+
     pub(super) fn export_done(&self, spans: usize, result: &OTelSdkResult) {
         match result {
             Ok(()) => {

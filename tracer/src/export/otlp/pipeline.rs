@@ -4,7 +4,7 @@
 use std::{
     env,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -27,11 +27,41 @@ use crate::{cli::OtlpProtocol, span::model::ProcessResource};
 /// counter: the SDK's batch processor does not expose its drop count, so the dispatcher keeps
 /// its own count of spans inside the processor and never offers more than the processor's
 /// queue holds. Drops are then all decided (and counted) by the dispatcher.
+///
+/// It also keeps what a failed export could not deliver while the backend is down, so an
+/// outage costs only what does not fit: the SDK's processor would drop every failed batch
+/// and take the next one. The batch is copied only while exports are failing (a healthy
+/// pipeline pays nothing); the first batch that fails is lost.
 #[derive(Debug)]
 struct CountingExporter<E> {
     inner: E,
     in_processor: Arc<AtomicUsize>,
     shared: Arc<Shared>,
+    retry: Arc<RetryBuffer>,
+}
+
+/// Spans of failed exports, oldest first, sent again ahead of the next batch.
+#[derive(Debug)]
+struct RetryBuffer {
+    spans: Mutex<Vec<SpanData>>,
+    capacity: usize,
+}
+
+impl RetryBuffer {
+    fn take(&self) -> Vec<SpanData> {
+        std::mem::take(&mut *self.spans.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Keeps `failed` (older than anything held since) for the next export; returns how many
+    /// of the oldest did not fit.
+    fn keep(&self, mut failed: Vec<SpanData>) -> usize {
+        let mut held = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
+        failed.append(&mut held);
+        let over = failed.len().saturating_sub(self.capacity);
+        failed.drain(..over);
+        *held = failed;
+        over
+    }
 }
 
 impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
@@ -39,19 +69,38 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
         &self,
         batch: Vec<SpanData>,
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
-        let spans = batch.len();
         // The processor drained these from its queue before calling us.
-        self.in_processor.fetch_sub(spans, Ordering::AcqRel);
+        self.in_processor.fetch_sub(batch.len(), Ordering::AcqRel);
+        let mut retried = self.retry.take();
+        let batch = if retried.is_empty() {
+            batch
+        } else {
+            retried.extend(batch);
+            retried
+        };
+        let spans = batch.len();
+        let copy = self.shared.is_failing().then(|| batch.clone());
         let export = self.inner.export(batch);
-        let shared = &self.shared;
+        let (shared, retry) = (&self.shared, &self.retry);
         async move {
             let result = export.await;
-            shared.export_done(spans, &result);
+            match (&result, copy) {
+                (Err(e), Some(copy)) => {
+                    let dropped = retry.keep(copy);
+                    shared.export_held(spans, dropped, e);
+                }
+                _ => shared.export_done(spans, &result),
+            }
             result
         }
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        // Spans still held once the processor's final flush has run were never delivered.
+        let held = self.retry.take().len();
+        if held > 0 {
+            self.shared.drop_held(held);
+        }
         self.inner.shutdown_with_timeout(timeout)
     }
 
@@ -113,6 +162,10 @@ impl Factory {
             inner: self.exporter()?,
             in_processor: Arc::clone(&in_processor),
             shared: Arc::clone(shared),
+            retry: Arc::new(RetryBuffer {
+                spans: Mutex::new(Vec::new()),
+                capacity: self.queue_size,
+            }),
         };
         // Set on the exporter before the processor thread exists, so no batch can go out
         // with the empty default resource.
