@@ -50,8 +50,8 @@ use crate::{
         model::{FinishedSpan, ProcessResource},
     },
     stream::{
-        ConnKey, ConnTable, PipeTable, PipeVerdict, Role, StreamEvent, fd_ctx, goroutine_ctx,
-        greenlet_ctx, marked_greenlet,
+        ConnKey, ConnTable, PipeTable, PipeVerdict, Role, Source, StreamEvent, fd_ctx,
+        goroutine_ctx, greenlet_ctx, marked_greenlet,
     },
 };
 
@@ -319,20 +319,13 @@ impl Agent {
             }
             return;
         }
-        if chunk.tls {
-            self.conns.tls_data(
-                key,
-                ctx,
-                chunk.ingress,
-                chunk.captured,
-                chunk.total_len,
-                chunk.seq,
-                ts,
-                &mut self.stream_events,
-            );
-            return;
-        }
+        let source = if chunk.tls {
+            Source::TlsPlaintext
+        } else {
+            Source::Socket
+        };
         self.conns.data(
+            source,
             key,
             ctx,
             chunk.ingress,
@@ -812,7 +805,6 @@ impl Agent {
             ("export_queue_full", export.spans_dropped_queue_full),
             ("export_failed", export.spans_dropped_export_failed),
             ("export_errors", export.export_errors),
-            ("otlp_sent", export.spans_sent_otlp),
             ("otlp_queue", export.otlp_queue_len),
             ("resources", export.resources),
             ("console_written", export.spans_exported_console),

@@ -78,7 +78,7 @@ const DROPS: [(&str, &str); 24] = [
 ];
 
 /// Stats keys that count spans written out, with the `exporter` label they get.
-const EXPORTED: [(&str, &str); 2] = [("otlp_sent", "otlp"), ("console_written", "console")];
+const EXPORTED: [(&str, &str); 2] = [("export_sent", "otlp"), ("console_written", "console")];
 
 /// Stats keys that are a level, not a count.
 const GAUGES: [&str; 15] = [

@@ -45,4 +45,4 @@ pub fn goroutine_of(ctx: ExecCtx) -> Option<u64> {
     (ctx & GOROUTINE_TAG != 0).then_some(ctx & !GOROUTINE_TAG)
 }
 pub use pipes::{PipeCounters, PipeTable, PipeVerdict};
-pub use table::{ConnTable, StreamCounters, StreamEvent};
+pub use table::{ConnTable, Source, StreamCounters, StreamEvent};

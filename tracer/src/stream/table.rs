@@ -97,7 +97,7 @@ pub struct StreamCounters {
 
 /// Where a chunk's bytes come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
+pub enum Source {
     /// The socket's own bytes (syscalls).
     Socket,
     /// Plaintext from the TLS uprobes.
@@ -187,10 +187,12 @@ impl ConnTable {
         }
     }
 
-    /// A chunk of bytes moved on a connection.
+    /// A chunk of bytes moved on a connection: the socket's own, or TLS plaintext from the
+    /// TLS uprobes (numbered with the socket's records).
     #[allow(clippy::too_many_arguments)]
     pub fn data(
         &mut self,
+        source: Source,
         key: ConnKey,
         ctx: ExecCtx,
         ingress: bool,
@@ -209,33 +211,7 @@ impl ConnTable {
             seq,
             ts,
         };
-        self.chunk(Source::Socket, chunk, out);
-    }
-
-    /// A chunk of TLS plaintext of a connection (from the TLS uprobes; `seq` is the
-    /// socket's).
-    #[allow(clippy::too_many_arguments)]
-    pub fn tls_data(
-        &mut self,
-        key: ConnKey,
-        ctx: ExecCtx,
-        ingress: bool,
-        captured: &[u8],
-        total_len: u64,
-        seq: u32,
-        ts: ChunkTs,
-        out: &mut Vec<StreamEvent>,
-    ) {
-        let chunk = Chunk {
-            key,
-            ctx,
-            ingress,
-            captured,
-            total_len,
-            seq,
-            ts,
-        };
-        self.chunk(Source::TlsPlaintext, chunk, out);
+        self.chunk(source, chunk, out);
     }
 
     fn chunk(&mut self, source: Source, chunk: Chunk<'_>, out: &mut Vec<StreamEvent>) {

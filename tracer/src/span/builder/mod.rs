@@ -974,7 +974,7 @@ mod tests {
     use crate::{
         protocol::http1::ChunkTs,
         span::model::{AttrValue, SpanStatus},
-        stream::ConnTable,
+        stream::{ConnTable, Source},
     };
 
     struct Fixed;
@@ -1029,6 +1029,13 @@ mod tests {
             self.pump(out);
         }
         fn io(&mut self, key: ConnKey, ctx: u64, ingress: bool, bytes: &[u8]) {
+            self.io_from(Source::Socket, key, ctx, ingress, bytes);
+        }
+        /// Plaintext from the TLS uprobes (numbered with the socket's records).
+        fn io_tls(&mut self, key: ConnKey, ctx: u64, ingress: bool, bytes: &[u8]) {
+            self.io_from(Source::TlsPlaintext, key, ctx, ingress, bytes);
+        }
+        fn io_from(&mut self, source: Source, key: ConnKey, ctx: u64, ingress: bool, bytes: &[u8]) {
             self.now += 1_000;
             let ts = ChunkTs {
                 enter_ns: self.now,
@@ -1039,29 +1046,7 @@ mod tests {
             let this = *seq;
             *seq += 1;
             self.conns.data(
-                key,
-                ctx,
-                ingress,
-                bytes,
-                bytes.len() as u64,
-                this,
-                ts,
-                &mut out,
-            );
-            self.pump(out);
-        }
-        /// Plaintext from the TLS uprobes (numbered with the socket's records).
-        fn io_tls(&mut self, key: ConnKey, ctx: u64, ingress: bool, bytes: &[u8]) {
-            self.now += 1_000;
-            let ts = ChunkTs {
-                enter_ns: self.now,
-                exit_ns: self.now + 10,
-            };
-            let mut out = Vec::new();
-            let seq = self.seqs.entry(key).or_default();
-            let this = *seq;
-            *seq += 1;
-            self.conns.tls_data(
+                source,
                 key,
                 ctx,
                 ingress,
