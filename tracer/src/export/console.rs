@@ -181,6 +181,7 @@ fn attr_text(value: &AttrValue) -> String {
         AttrValue::Int(i) => i.to_string(),
         AttrValue::Bool(b) => b.to_string(),
         AttrValue::F64(f) => f.to_string(),
+        AttrValue::StrList(l) => format!("[{}]", l.join(",")),
     }
 }
 

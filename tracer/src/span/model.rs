@@ -17,6 +17,8 @@ pub enum AttrValue {
     Int(i64),
     Bool(bool),
     F64(f64),
+    /// A list of strings (e.g. `gen_ai.response.finish_reasons`).
+    StrList(Vec<String>),
 }
 
 /// Who produced a span: one entry per traced process (the OTel resource).

@@ -629,7 +629,7 @@ fn model_attrs(attributes: &mut Vec<(String, AttrValue)>, inv: &Invocation) {
     if let Some(reason) = &m.finish_reason {
         attributes.push((
             "gen_ai.response.finish_reasons".into(),
-            AttrValue::Str(serde_json::to_string(&[reason]).unwrap_or_default()),
+            AttrValue::StrList(vec![reason.clone()]),
         ));
     }
 }

@@ -166,6 +166,9 @@ fn key_value((key, value): (String, AttrValue)) -> KeyValue {
         AttrValue::Int(i) => Value::I64(i),
         AttrValue::Bool(b) => Value::Bool(b),
         AttrValue::F64(f) => Value::F64(f),
+        AttrValue::StrList(l) => Value::Array(opentelemetry::Array::String(
+            l.into_iter().map(StringValue::from).collect(),
+        )),
     };
     KeyValue::new(key, value)
 }

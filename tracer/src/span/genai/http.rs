@@ -174,11 +174,9 @@ fn route_attrs(
     if let Some(rs) = rs
         && !rs.finish_reasons.is_empty()
     {
-        // An array attribute is not in the span model: the exporters get a JSON array text.
-        let list = serde_json::to_string(&rs.finish_reasons).unwrap_or_default();
         out.0.push((
             "gen_ai.response.finish_reasons".into(),
-            AttrValue::Str(list),
+            AttrValue::StrList(rs.finish_reasons.clone()),
         ));
     }
 }
