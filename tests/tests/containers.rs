@@ -77,6 +77,35 @@ fn wait_serving(dk: &Dockerd, name: &str, port: u16) -> Result<()> {
         .with_context(|| format!("container {name} not serving; its log:\n{}", dk.logs(name)))
 }
 
+/// Sends 5 requests to the selected server (`selected`: port, path prefix) and 5 to the
+/// other one, waits for the selected one's 5 spans and 2 s more for stragglers, and fails
+/// naming `other_what` if any span of the other server came; returns every span received.
+fn only_selected_traced(
+    rx: &OtlpReceiver,
+    agent: &Agent,
+    selected: (u16, &str),
+    other: (u16, &str),
+    other_what: &str,
+) -> Result<Vec<ReceivedSpan>> {
+    for i in 0..5 {
+        // http.server answers 404 for files it does not have: still a request and a span.
+        http_get(local(selected.0), &format!("{}{i}", selected.1), &[])?;
+        http_get(local(other.0), &format!("{}{i}", other.1), &[])?;
+    }
+    let spans = rx
+        .wait_for(|s| paths_with(s, selected.1).len() >= 5, SPAN_WAIT)
+        .map_err(|e| agent.annotate(e))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let spans: Vec<_> = rx.spans().into_iter().chain(spans).collect();
+    let from_other = paths_with(&spans, other.1);
+    ensure!(
+        from_other.is_empty(),
+        "{other_what} was traced:\n{}",
+        summarize(&from_other, 10)
+    );
+    Ok(spans)
+}
+
 fn paths_with(spans: &[ReceivedSpan], prefix: &str) -> Vec<ReceivedSpan> {
     spans
         .iter()
@@ -225,20 +254,13 @@ fn container_filter_traces_only_the_named_docker_container() -> Result<()> {
     ])?;
     let prefix_a = format!("/ida-{tag}/");
     let prefix_b = format!("/idb-{tag}/");
-    for i in 0..5 {
-        http_get(local(port_a), &format!("{prefix_a}{i}"), &[])?;
-        http_get(local(port_b), &format!("{prefix_b}{i}"), &[])?;
-    }
-    let spans = rx
-        .wait_for(|s| paths_with(s, &prefix_a).len() >= 5, SPAN_WAIT)
-        .map_err(|e| agent.annotate(e))?;
-    std::thread::sleep(Duration::from_secs(2));
-    let spans: Vec<_> = rx.spans().into_iter().chain(spans).collect();
-    ensure!(
-        paths_with(&spans, &prefix_b).is_empty(),
-        "container B traced when selecting A by id:\n{}",
-        summarize(&paths_with(&spans, &prefix_b), 10)
-    );
+    let spans = only_selected_traced(
+        &rx,
+        &agent,
+        (port_a, &prefix_a),
+        (port_b, &prefix_b),
+        "container B, when selecting A by id,",
+    )?;
     for span in paths_with(&spans, &prefix_a) {
         ensure!(
             span.res_str("container.id").as_deref() == Some(id_a.as_str())
@@ -489,21 +511,13 @@ fn kubernetes_filter_by_namespace_and_label_from_the_api_server() -> Result<()> 
     )?;
     let a_prefix = format!("/ka-{tag}/");
     let b_prefix = format!("/kb-{tag}/");
-    for i in 0..5 {
-        http_get(local(port_a), &format!("{a_prefix}{i}"), &[])?;
-        http_get(local(port_b), &format!("{b_prefix}{i}"), &[])?;
-    }
-    let spans = rx
-        .wait_for(|s| paths_with(s, &a_prefix).len() >= 5, SPAN_WAIT)
-        .map_err(|e| agent.annotate(e))?;
-    std::thread::sleep(Duration::from_secs(2));
-    let spans: Vec<_> = rx.spans().into_iter().chain(spans).collect();
-    let from_b = paths_with(&spans, &b_prefix);
-    ensure!(
-        from_b.is_empty(),
-        "pod web-0 (label app=web) was traced:\n{}",
-        summarize(&from_b, 10)
-    );
+    let spans = only_selected_traced(
+        &rx,
+        &agent,
+        (port_a, &a_prefix),
+        (port_b, &b_prefix),
+        "pod web-0 (label app=web)",
+    )?;
     for span in paths_with(&spans, &a_prefix) {
         let want = [
             ("k8s.pod.name", "api-0"),
@@ -619,22 +633,13 @@ fn cgroup_filter_traces_a_plain_cgroup_with_its_own_pid_namespace() -> Result<()
     wait_port_of(&mut outside, local(port_out), Duration::from_secs(30))?;
     let in_prefix = format!("/in-{tag}/");
     let out_prefix = format!("/out-{tag}/");
-    for i in 0..5 {
-        // http.server answers 404 for files it does not have: still a request and a span.
-        http_get(local(port_in), &format!("{in_prefix}{i}"), &[])?;
-        http_get(local(port_out), &format!("{out_prefix}{i}"), &[])?;
-    }
-    let spans = rx
-        .wait_for(|s| paths_with(s, &in_prefix).len() >= 5, SPAN_WAIT)
-        .map_err(|e| agent.annotate(e))?;
-    std::thread::sleep(Duration::from_secs(2));
-    let spans: Vec<_> = rx.spans().into_iter().chain(spans).collect();
-    let from_out = paths_with(&spans, &out_prefix);
-    ensure!(
-        from_out.is_empty(),
-        "the server outside the cgroup was traced:\n{}",
-        summarize(&from_out, 10)
-    );
+    let spans = only_selected_traced(
+        &rx,
+        &agent,
+        (port_in, &in_prefix),
+        (port_out, &out_prefix),
+        "the server outside the cgroup",
+    )?;
     let members: HashSet<u32> = cgroup.procs().into_iter().collect();
     let expected_path = format!("/{cg_name}");
     for span in paths_with(&spans, &in_prefix) {
