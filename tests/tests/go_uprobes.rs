@@ -8,8 +8,10 @@
 //! tenant `t-i`:
 //! - a SERVER span in the daemon: `url.path` `/plugin/t-i/dispatch/tool/invoke`, method POST,
 //!   status 200, `http.route` `/plugin/:tenant_id/dispatch/tool/invoke`, named
-//!   `POST /plugin/:tenant_id/dispatch/tool/invoke`, with the handler's duration from the
-//!   uprobes (`difytrace.handler.duration_ns`) inside the span;
+//!   `POST /plugin/:tenant_id/dispatch/tool/invoke`; with `--go-handler-returns` also the
+//!   handler's duration from the RET uprobes (`difytrace.handler.duration_ns`) inside the
+//!   span, and without it no such attribute (the route then comes from the handler
+//!   goroutine's next syscall, not from a RET probe);
 //! - a CLIENT span in the daemon, `url.path` `/tool/t-i`, child of that SERVER span (same
 //!   trace) and within its time range;
 //! - a SERVER span in the tool, `url.path` `/tool/t-i`, child of that CLIENT span;
@@ -65,6 +67,8 @@ struct Expect<'a> {
     daemon_pid: u32,
     tool_pid: u32,
     tenants: Vec<String>,
+    /// The agent ran with `--go-handler-returns`.
+    handler_returns: bool,
 }
 
 fn path_spans<'s>(
@@ -285,13 +289,19 @@ fn check(spans: &[ReceivedSpan], exp: &Expect) -> Report {
                     server.attr("http.response.status_code")
                 ));
             }
-            // The handler's own run (ServeHTTP's entry to its return, from the uprobes) lies
-            // inside the span the wire gives, and takes at least the tool's answer.
+            // The handler's own run (ServeHTTP's entry to its return, from the RET uprobes)
+            // lies inside the span the wire gives. Without the RET probes there is none.
             let wire_ns = server.end_ns.saturating_sub(server.start_ns);
             match server.attr_int("difytrace.handler.duration_ns") {
-                Some(ns) if ns > 0 && (ns as u64) <= wire_ns => {}
+                Some(ns) if exp.handler_returns && ns > 0 && (ns as u64) <= wire_ns => {}
+                None if !exp.handler_returns => {}
                 other => wrong.push(format!(
-                    "difytrace.handler.duration_ns={other:?} (want 0 < it <= the span's {wire_ns} ns)"
+                    "difytrace.handler.duration_ns={other:?} (want {})",
+                    if exp.handler_returns {
+                        format!("0 < it <= the span's {wire_ns} ns")
+                    } else {
+                        "none: no --go-handler-returns".to_string()
+                    }
                 )),
             }
             if !wrong.is_empty() {
@@ -453,23 +463,34 @@ fn ensure_clean(spans: &[ReceivedSpan], exp: &Expect) -> Result<()> {
 // one run
 
 /// The agent watching `godaemon` and `gotool`, exporting to `rx`.
-fn start_agent(rx: &OtlpReceiver) -> Result<Agent> {
-    Agent::start(&[
+fn start_agent(rx: &OtlpReceiver, handler_returns: bool) -> Result<Agent> {
+    let endpoint = rx.grpc_endpoint();
+    let mut args = vec![
         "--comm",
         DAEMON_COMM,
         "--comm",
         TOOL_COMM,
         "--otlp-endpoint",
-        &rx.grpc_endpoint(),
-    ])
+        &endpoint,
+    ];
+    if handler_returns {
+        args.push("--go-handler-returns");
+    }
+    Agent::start(&args)
 }
 
 /// Receiver, agent, tool and daemon of `variant`; `n` requests (all at once when
 /// `concurrent`); then every span checked and the agent's `go_binaries` counter. The error
-/// carries the agent's stats and logs.
-fn run_variant(variant: &GoVariant, n: usize, concurrent: bool) -> Result<()> {
+/// carries the agent's stats and logs. `handler_returns`: run the agent with
+/// `--go-handler-returns`.
+fn run_variant(
+    variant: &GoVariant,
+    n: usize,
+    concurrent: bool,
+    handler_returns: bool,
+) -> Result<()> {
     let rx = OtlpReceiver::start()?;
-    let mut agent = start_agent(&rx)?;
+    let mut agent = start_agent(&rx, handler_returns)?;
     let tool = GoTool::start(variant)?;
     let daemon = GoDaemon::start(variant, tool.addr())?;
     // The agent reads each binary off its event loop and attaches a moment later; requests
@@ -508,6 +529,7 @@ fn run_variant(variant: &GoVariant, n: usize, concurrent: bool) -> Result<()> {
         daemon_pid: daemon.pid(),
         tool_pid: tool.pid(),
         tenants: sent.iter().map(|i| i.tenant.clone()).collect(),
+        handler_returns,
     };
     // Wait for every span; if some never come, check what came (the report says what is
     // missing).
@@ -562,7 +584,17 @@ fn gin_route_and_goroutine_parent() -> Result<()> {
     let Some((_e2e, app)) = prerequisites("gin_route_and_goroutine_parent")? else {
         return Ok(());
     };
-    run_variant(app.variant("go1.26")?, 10, false)
+    run_variant(app.variant("go1.26")?, 10, false, false)
+}
+
+/// The same with the handlers' RET probes on: the spans also carry the handler's duration.
+#[test]
+fn handler_returns_give_handler_duration() -> Result<()> {
+    let _serial = serial();
+    let Some((_e2e, app)) = prerequisites("handler_returns_give_handler_duration")? else {
+        return Ok(());
+    };
+    run_variant(app.variant("go1.26")?, 10, false, true)
 }
 
 #[test]
@@ -575,7 +607,7 @@ fn stripped_and_old_go_same_spans() -> Result<()> {
     let mut failed = Vec::new();
     let mut passed = Vec::new();
     for v in &app.variants {
-        match run_variant(v, 5, false) {
+        match run_variant(v, 5, false, false) {
             Ok(()) => passed.push(format!("{} ({})", v.name, v.go_version)),
             Err(e) => failed.push(format!("=== {} ({}) ===\n{e:#}", v.name, v.go_version)),
         }
@@ -596,7 +628,7 @@ fn hundred_concurrent_requests_no_cross_talk() -> Result<()> {
     let Some((_e2e, app)) = prerequisites("hundred_concurrent_requests_no_cross_talk")? else {
         return Ok(());
     };
-    run_variant(app.variant("go1.26")?, 100, true)
+    run_variant(app.variant("go1.26")?, 100, true, false)
 }
 
 /// No agent, no root: every variant builds, reports its Go version, and the daemon and tool

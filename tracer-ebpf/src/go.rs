@@ -16,9 +16,9 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_probe_read_user,
         generated::{self, bpf_get_attach_cookie},
     },
-    macros::{map, uprobe},
+    macros::{map, uprobe, uretprobe},
     maps::{Array, LruHashMap},
-    programs::ProbeContext,
+    programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
     GO_OFFSET_UNKNOWN, GO_TEXT, GoEvent, GoOffsets, MAX_GO_BINARIES, MAX_GO_INFLIGHT, counter,
@@ -251,7 +251,7 @@ pub(crate) fn net_conn_fd(conn: Option<u64>, off: &GoOffsets) -> Option<i32> {
 }
 
 /// `runtime.newproc1(fn, callergp, callerpc, ...) *g`: rbx = the creating goroutine. It runs
-/// on the system stack (r14 is g0 there), so entry and RET meet by thread.
+/// on the system stack (r14 is g0 there), so entry and return meet by thread.
 #[uprobe(multi)]
 pub fn go_newproc_enter(ctx: ProbeContext) -> u32 {
     let Some((id, tgid)) = current_if_watched() else {
@@ -262,51 +262,68 @@ pub fn go_newproc_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// A RET of newproc1: rax = the new goroutine.
-#[uprobe(multi)]
-pub fn go_newproc_ret(ctx: ProbeContext) -> u32 {
+/// newproc1's return: rax = the new goroutine. A uretprobe, unlike every other Go hook: the
+/// system stack (g0's) is never moved, so the return address the kernel swaps survives, and
+/// the return costs one syscall instead of a RET probe's breakpoint plus single-step.
+#[uretprobe(multi)]
+pub fn go_newproc_exit(ctx: RetProbeContext) -> u32 {
     let Some((id, tgid)) = current_if_watched() else {
         return 0;
     };
-    let r = regs(&ctx);
     let Some(parent) = take(&key(tgid, hook::NEWPROC, id)) else {
         return 0;
     };
-    if parent != 0 && r.rax != 0 {
-        emit(id, go_op::SPAWN, parent, r.rax, 0, None, None);
+    // SAFETY: the context's pt_regs, readable directly by a probe program.
+    let child = unsafe { (*ctx.regs).rax };
+    if parent != 0 && child != 0 {
+        emit(id, go_op::SPAWN, parent, child, 0, None, None);
     }
     0
 }
 
-/// `gin.(*Engine).handleHTTPRequest(engine, c *Context)`: rbx = c.
+/// `gin.(*Engine).handleHTTPRequest(engine, c *Context)`: rbx = c. The route it matches
+/// (`c.fullPath`) is set before any handler runs, so it is read at the goroutine's next data
+/// syscall (`route_at_syscall`) rather than at a RET probe, whose single-step trap costs
+/// several times a syscall's capture; `go_gin_ret` still reads it when RET probes are on.
 #[uprobe(multi)]
 pub fn go_gin_enter(ctx: ProbeContext) -> u32 {
     let Some((_, tgid, off)) = setup(&ctx) else {
         return 0;
     };
-    if off.gin_context_full_path == GO_OFFSET_UNKNOWN {
-        return 0;
-    }
     let r = regs(&ctx);
-    remember(&key(tgid, hook::GIN, r.r14), r.rbx);
+    let Some(full_path) = field(r.rbx, off.gin_context_full_path) else {
+        return 0;
+    };
+    remember(&key(tgid, hook::GIN, r.r14), full_path);
     0
 }
 
-/// A RET of handleHTTPRequest: the route matched (`c.fullPath`) is set by now.
+/// A RET of handleHTTPRequest: the route matched, unless a syscall reported it already.
 #[uprobe(multi)]
 pub fn go_gin_ret(ctx: ProbeContext) -> u32 {
-    let Some((id, tgid, off)) = setup(&ctx) else {
+    let Some((id, tgid, _)) = setup(&ctx) else {
         return 0;
     };
     let r = regs(&ctx);
-    let Some(c) = take(&key(tgid, hook::GIN, r.r14)) else {
-        return 0;
+    report_route(id, tgid, r.r14);
+    0
+}
+
+/// Called at a data syscall of goroutine `g`: reports the gin route its handler matched.
+#[inline(always)]
+pub(crate) fn route_at_syscall(id: u64, tgid: u32, g: u64) {
+    report_route(id, tgid, g);
+}
+
+#[inline(always)]
+fn report_route(id: u64, tgid: u32, g: u64) {
+    let Some(full_path) = take(&key(tgid, hook::GIN, g)) else {
+        return;
     };
-    let route = go_string(field(c, off.gin_context_full_path));
+    let route = go_string(Some(full_path));
     if let Some((_, len)) = route
         && len > 0
     {
-        emit(id, go_op::ROUTE, r.r14, 0, 0, None, route);
+        emit(id, go_op::ROUTE, g, 0, 0, None, route);
     }
-    0
 }

@@ -310,6 +310,7 @@ fn enter_data(regs: u64, op: u8, dir: u8, peek_flags_arg: Option<usize>, may_be_
     if go_goroutines() {
         // Go keeps the running goroutine in r14 and its syscall stubs leave it there.
         saved.goroutine = read_regs_u64(regs, PT_REGS_R14);
+        crate::go::route_at_syscall(id, tgid, saved.goroutine);
     }
     if greenlets() {
         // SAFETY: copied out of the map value.

@@ -872,6 +872,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         emit_exec: !selection.exes.is_empty(),
         follow_pipes: config.follow_pipes,
         go_uprobes: config.go_uprobes,
+        go_handler_returns: config.go_handler_returns,
         greenlets: config.greenlets,
         nginx: config.nginx_uprobes,
         tls: config.tls,

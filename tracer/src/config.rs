@@ -22,6 +22,8 @@ pub struct Config {
     pub follow_pipes: bool,
     /// Put uprobes on Go binaries.
     pub go_uprobes: bool,
+    /// Also probe the RETs of Go HTTP handlers (handler duration).
+    pub go_handler_returns: bool,
     /// Put uprobes on greenlet's switch (gevent).
     pub greenlets: bool,
     /// Put uprobes on nginx.
@@ -77,6 +79,7 @@ impl Config {
             stats_interval_secs: cli.stats_interval,
             follow_pipes: !cli.no_pipes,
             go_uprobes: !cli.no_go,
+            go_handler_returns: cli.go_handler_returns,
             greenlets: !cli.no_greenlets,
             nginx_uprobes: !cli.no_nginx,
             tls: !cli.no_tls,

@@ -1,6 +1,7 @@
 //! Uprobes on Go binaries: registers a binary's field offsets with the kernel side and
 //! attaches the hooks of `tracer-ebpf/src/go.rs` at its functions' entries and RET
-//! instructions (never uretprobes: they break when Go moves a goroutine's stack).
+//! instructions (uretprobes only on a function that runs on the system stack: they break when
+//! Go moves a goroutine's stack).
 
 use std::path::Path;
 
@@ -25,7 +26,7 @@ pub const HOOKS: [Hook; 10] = [
     Hook {
         function: "net/http.serverHandler.ServeHTTP",
         entry: "go_serve_enter",
-        ret: Some("go_serve_ret"),
+        ret: Some(Return::HandlerRets("go_serve_ret")),
         needs: &[],
     },
     Hook {
@@ -43,20 +44,20 @@ pub const HOOKS: [Hook; 10] = [
     Hook {
         function: "runtime.newproc1",
         entry: "go_newproc_enter",
-        ret: Some("go_newproc_ret"),
+        ret: Some(Return::Uretprobe("go_newproc_exit")),
         needs: &[],
     },
     Hook {
         function: "github.com/gin-gonic/gin.(*Engine).handleHTTPRequest",
         entry: "go_gin_enter",
-        ret: Some("go_gin_ret"),
+        ret: Some(Return::HandlerRets("go_gin_ret")),
         needs: &[Field::GinContextFullPath],
     },
     // grpc-go (see tracer-ebpf/src/grpc.rs). Field offsets from DWARF only.
     Hook {
         function: "google.golang.org/grpc.(*Server).handleStream",
         entry: "go_grpc_server_enter",
-        ret: Some("go_grpc_server_ret"),
+        ret: Some(Return::Rets("go_grpc_server_ret")),
         needs: &[
             Field::GrpcServerStreamStream,
             Field::GrpcStreamMethod,
@@ -85,7 +86,7 @@ pub const HOOKS: [Hook; 10] = [
     Hook {
         function: "google.golang.org/grpc/internal/transport.(*http2Client).NewStream",
         entry: "go_grpc_client_enter",
-        ret: Some("go_grpc_client_ret"),
+        ret: Some(Return::Rets("go_grpc_client_ret")),
         needs: &[
             Field::GrpcClientStreamStream,
             Field::GrpcClientStreamCt,
@@ -122,7 +123,7 @@ pub const HOOKS: [Hook; 10] = [
     Hook {
         function: "crypto/tls.(*Conn).Read",
         entry: "go_tls_read_enter",
-        ret: Some("go_tls_read_ret"),
+        ret: Some(Return::Rets("go_tls_read_ret")),
         needs: &[Field::TlsConnConn, GRPC_FD[0], GRPC_FD[1], GRPC_FD[2]],
     },
 ];
@@ -137,9 +138,33 @@ fn is_tls_hook(hook: &Hook) -> bool {
 pub struct Hook {
     pub function: &'static str,
     pub entry: &'static str,
-    pub ret: Option<&'static str>,
+    pub ret: Option<Return>,
     /// Offsets without which the hook would read nothing useful.
     pub needs: &'static [Field],
+}
+
+/// How a hook sees its function return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Return {
+    /// A program at every RET instruction. The kernel single-steps each RET after the
+    /// program, a second trap that costs about ten microseconds of the traced thread on the
+    /// VMs measured (docs/benchmarks.md).
+    Rets(&'static str),
+    /// Like `Rets`, but only with `--go-handler-returns`: what it adds (the handler's own
+    /// duration; for gin, a route that the next syscall reports anyway) is not worth its
+    /// cost on every request by default.
+    HandlerRets(&'static str),
+    /// A uretprobe at the entry probe, for a function that runs on the system stack (g0's,
+    /// which Go never moves): its return costs a syscall, not a breakpoint and a single-step.
+    Uretprobe(&'static str),
+}
+
+impl Return {
+    fn program(self) -> &'static str {
+        match self {
+            Return::Rets(p) | Return::HandlerRets(p) | Return::Uretprobe(p) => p,
+        }
+    }
 }
 
 /// The names of the functions the hooks need, for `gobin::inspect`.
@@ -154,6 +179,8 @@ pub struct GoAttacher {
     loaded: bool,
     /// Attach the crypto/tls hooks.
     tls: bool,
+    /// Attach the `Return::HandlerRets` programs.
+    handler_returns: bool,
 }
 
 /// What was attached to one binary.
@@ -172,6 +199,7 @@ impl GoAttacher {
             next_id: 0,
             loaded: false,
             tls: true,
+            handler_returns: false,
         })
     }
 
@@ -181,12 +209,25 @@ impl GoAttacher {
         self
     }
 
+    /// With `true`, the `Return::HandlerRets` programs are attached too.
+    pub fn with_handler_returns(mut self, on: bool) -> Self {
+        self.handler_returns = on;
+        self
+    }
+
+    /// The return program of `hook` that this agent attaches, if any.
+    fn return_program(&self, hook: &Hook) -> Option<Return> {
+        hook.ret
+            .filter(|r| self.handler_returns || !matches!(r, Return::HandlerRets(_)))
+    }
+
     fn load_programs(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
         if self.loaded {
             return Ok(());
         }
         for hook in HOOKS.iter().filter(|h| self.tls || !is_tls_hook(h)) {
-            for prog in std::iter::once(hook.entry).chain(hook.ret) {
+            let ret = self.return_program(hook).map(Return::program);
+            for prog in std::iter::once(hook.entry).chain(ret) {
                 let program: &mut UProbe = ebpf
                     .program_mut(prog)
                     .with_context(|| format!("program {prog} missing from the object"))?
@@ -243,7 +284,10 @@ impl GoAttacher {
                 ));
                 continue;
             }
-            if hook.ret.is_some() && func.ret_offsets.is_empty() {
+            let ret = self.return_program(hook);
+            if matches!(ret, Some(Return::Rets(_) | Return::HandlerRets(_)))
+                && func.ret_offsets.is_empty()
+            {
                 attached
                     .skipped
                     .push((hook.function, "no RET instruction found".into()));
@@ -251,9 +295,18 @@ impl GoAttacher {
             }
             attach_points(ebpf, hook.entry, &[func.entry_probe_offset], id, target)
                 .with_context(|| format!("{} entry", hook.function))?;
-            if let Some(ret) = hook.ret {
-                attach_points(ebpf, ret, &func.ret_offsets, id, target)
-                    .with_context(|| format!("{} RETs", hook.function))?;
+            match ret {
+                Some(Return::Rets(prog) | Return::HandlerRets(prog)) => {
+                    attach_points(ebpf, prog, &func.ret_offsets, id, target)
+                        .with_context(|| format!("{} RETs", hook.function))?;
+                }
+                // At the entry probe: the stack-check jump comes before the frame is set
+                // up, so the return address is still on top of the stack there.
+                Some(Return::Uretprobe(prog)) => {
+                    attach_points(ebpf, prog, &[func.entry_probe_offset], id, target)
+                        .with_context(|| format!("{} return", hook.function))?;
+                }
+                None => {}
             }
             attached.hooks.push(hook.function);
         }

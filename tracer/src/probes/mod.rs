@@ -44,6 +44,8 @@ pub struct KernelSelection {
     pub follow_pipes: bool,
     /// Put uprobes on Go binaries (goroutine-aware linking, routes).
     pub go_uprobes: bool,
+    /// Also the RET probes of Go HTTP handlers (`go::Return::HandlerRets`).
+    pub go_handler_returns: bool,
     /// Greenlet contexts for gevent processes (uprobes on greenlet's switch).
     pub greenlets: bool,
     /// nginx upstream uprobes.
@@ -196,7 +198,11 @@ impl Probes {
             "eBPF programs attached"
         );
         let go = if selection.go_uprobes {
-            Some(go::GoAttacher::new(&mut ebpf)?.with_tls(selection.tls))
+            Some(
+                go::GoAttacher::new(&mut ebpf)?
+                    .with_tls(selection.tls)
+                    .with_handler_returns(selection.go_handler_returns),
+            )
         } else {
             None
         };
