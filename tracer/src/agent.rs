@@ -258,6 +258,9 @@ pub struct Agent {
     stream_events: Vec<StreamEvent>,
     spans: Vec<FinishedSpan>,
     metrics: SpanMetrics,
+    /// Spans feed the RED metrics and service graph: only when something reads them (a
+    /// Prometheus endpoint or OTLP metrics); otherwise that work is skipped.
+    record_metrics: bool,
     map_counts: MapCounts,
     metrics_sink: Option<MetricsSink>,
 }
@@ -638,7 +641,9 @@ impl Agent {
         let now = Instant::now();
         for span in self.spans.drain(..) {
             self.counters.spans += 1;
-            self.metrics.record(&span, now);
+            if self.record_metrics {
+                self.metrics.record(&span, now);
+            }
             self.exporter.export(span);
         }
     }
@@ -936,6 +941,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stream_events: Vec::new(),
         spans: Vec::new(),
         metrics: SpanMetrics::new(config.metrics_max_series),
+        record_metrics: metrics_listener.is_some() || metrics_sink.is_some(),
         map_counts,
         metrics_sink,
     };

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod discover;
 pub mod export;
+pub mod fast_map;
 pub mod metrics;
 pub mod probes;
 pub mod protocol;

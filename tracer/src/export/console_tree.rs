@@ -16,12 +16,13 @@
 //! (which start with a timestamp).
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, VecDeque},
     fmt::Write as _,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use super::console::{rfc3339_millis, span_head};
+use crate::fast_map::{HashMap, HashSet};
 use crate::span::model::{FinishedSpan, SpanStatus, hex};
 
 /// Traces whose spans are held while waiting for their root. When a new trace would exceed
@@ -219,7 +220,7 @@ pub fn render_trace(spans: &[TreeSpan], end: TraceEnd) -> Vec<String> {
         return Vec::new();
     };
     let n = spans.len();
-    let mut ids: HashMap<[u8; 8], usize> = HashMap::with_capacity(n);
+    let mut ids: HashMap<[u8; 8], usize> = HashMap::with_capacity_and_hasher(n, Default::default());
     for (i, s) in spans.iter().enumerate() {
         ids.entry(s.span_id).or_insert(i);
     }
@@ -484,7 +485,7 @@ impl TraceBuffer {
                     first_seen: now,
                     spans: Vec::new(),
                     ready_at: None,
-                    remote_parents: HashSet::new(),
+                    remote_parents: HashSet::default(),
                 })
             }
         };

@@ -2,7 +2,9 @@
 //! bucket histograms, keyed by the service that produced them and a few low-cardinality
 //! attributes. Owned by the agent's event loop (no locks); snapshots are plain clones.
 
-use std::{collections::HashMap, sync::Arc, time::SystemTime};
+use std::{sync::Arc, time::SystemTime};
+
+use crate::fast_map::HashMap;
 
 /// Most series one family keeps; further attribute sets go to the overflow series.
 pub const DEFAULT_MAX_SERIES: usize = 2000;
@@ -117,7 +119,7 @@ impl Family {
             description,
             unit,
             kind,
-            series: HashMap::new(),
+            series: HashMap::default(),
             max_series: max_series.max(1),
             overflowed: 0,
             start,

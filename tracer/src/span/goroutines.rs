@@ -3,7 +3,7 @@
 //! matched. Goroutines hop between OS threads, so in a Go process these replace the thread
 //! as the execution context that links an outbound request to the inbound one it serves.
 
-use std::collections::HashMap;
+use crate::fast_map::HashMap;
 
 use crate::stream::{ExecCtx, goroutine_ctx, goroutine_of};
 

@@ -1,6 +1,8 @@
 //! All connections of the watched processes, bounded, with what they produced.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::net::SocketAddr;
+
+use crate::fast_map::HashMap;
 
 use tracing::debug;
 

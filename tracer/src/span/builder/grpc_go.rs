@@ -24,7 +24,7 @@
 //!   stream (the status is read from the trailers the parser just saw), so a CLIENT span
 //!   whose status the wire hid waits for it, at most [`HOLD_NS`].
 
-use std::collections::HashMap;
+use crate::fast_map::HashMap;
 
 use tracer_common::go_op;
 

@@ -6,11 +6,7 @@
 //! A CLIENT request outside any thread context in a plugin process belongs to the plugin
 //! invocation being served (see `plugin`).
 
-use std::{
-    collections::{HashMap, HashSet, VecDeque},
-    net::SocketAddr,
-    sync::Arc,
-};
+use std::{collections::VecDeque, net::SocketAddr, sync::Arc};
 
 use rand::Rng as _;
 
@@ -28,6 +24,7 @@ use super::{
     trace_context::TraceContext,
     traceparent,
 };
+use crate::fast_map::{HashMap, HashSet};
 use crate::{
     protocol::{
         http1::{ChunkTs, Http1Message, StartLine},
@@ -1005,7 +1002,7 @@ mod tests {
                 builder: SpanBuilder::new(Clock::now()),
                 spans: Vec::new(),
                 now: 1_000,
-                seqs: HashMap::new(),
+                seqs: HashMap::default(),
             }
         }
         /// A record the kernel numbered but never delivered.
