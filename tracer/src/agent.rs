@@ -1235,7 +1235,11 @@ fn container_watcher(config: &Config) -> anyhow::Result<Option<containers::Watch
     let cri: Vec<_> = containers::cri::sockets(&config.cri_sockets)
         .into_iter()
         .map(|socket| {
-            info!(socket = %socket.display(), "container names and pods from CRI");
+            if socket.exists() {
+                info!(socket = %socket.display(), "container names and pods from CRI");
+            } else {
+                warn!(socket = %socket.display(), "--cri-socket does not exist (yet): it is used once it appears");
+            }
             containers::cri::CriApi::new(socket, config.k8s_node_name.clone())
         })
         .collect();
