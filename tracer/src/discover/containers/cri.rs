@@ -403,11 +403,16 @@ pub fn map_containers(
         .collect()
 }
 
-/// The CRI sockets to ask: the given ones, else the runtimes' default sockets that exist
-/// (seen through pid 1's root when the agent runs in a container of its own).
+/// The CRI sockets to ask: the given ones, else the runtimes' default sockets that exist.
+/// A host path the agent's own mount namespace lacks is reached through pid 1's root (the
+/// agent in a pod with hostPID needs no socket mount); a given socket that exists nowhere
+/// yet is kept as given.
 pub fn sockets(given: &[PathBuf]) -> Vec<PathBuf> {
     if !given.is_empty() {
-        return given.to_vec();
+        return given
+            .iter()
+            .map(|p| super::host_view::host_path(p).unwrap_or_else(|| p.clone()))
+            .collect();
     }
     DEFAULT_SOCKETS
         .iter()
