@@ -223,11 +223,14 @@ fn container_and_pod_selection_from_containerd_cri() -> Result<()> {
     // No Docker socket (the path does not exist) and no Kubernetes API: CRI only.
     let no_docker = dir.join("no-docker.sock").to_string_lossy().into_owned();
 
-    // By container name.
+    // By container name; a second CRI socket that does not exist changes nothing.
+    let missing = dir.join("no-cri.sock").to_string_lossy().into_owned();
     let rx = OtlpReceiver::start()?;
     let agent = Agent::start(&[
         "--container",
         &name_a,
+        "--cri-socket",
+        &missing,
         "--cri-socket",
         &socket,
         "--docker-socket",
@@ -238,6 +241,11 @@ fn container_and_pod_selection_from_containerd_cri() -> Result<()> {
         &rx.grpc_endpoint(),
     ])?;
     let spans = only_selected_traced(&rx, &agent, (port_a, &a_prefix), (port_b, &b_prefix))?;
+    ensure!(
+        agent.logs(200).contains("--cri-socket does not exist"),
+        "no warning about the missing CRI socket:\n{}",
+        agent.logs(80)
+    );
     for span in &spans {
         check_resource(
             span,

@@ -144,6 +144,9 @@ pub mod proto {
         pub labels: HashMap<String, String>,
     }
 
+    /// `PodSandboxState.SANDBOX_READY`.
+    pub const SANDBOX_READY: i32 = 0;
+
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct ListPodSandboxResponse {
         #[prost(message, repeated, tag = "1")]
@@ -335,7 +338,9 @@ pub fn runtime_name(reported: &str) -> Option<&'static str> {
 
 /// Containers with what their pod sandboxes say. The kubelet's labels on a container win
 /// over its sandbox's metadata (they are what the kubelet itself reads back); a container
-/// with neither has no pod identity.
+/// with neither has no pod identity. Ready sandboxes are listed too (containerd and cri-o
+/// run each as a "pause" container with the sandbox's id and a cgroup of its own): they
+/// carry their pod, with no container name.
 pub fn map_containers(
     runtime: Option<&'static str>,
     containers: Vec<proto::Container>,
@@ -344,7 +349,7 @@ pub fn map_containers(
 ) -> Vec<CriContainer> {
     let by_id: HashMap<&str, &proto::PodSandbox> =
         sandboxes.iter().map(|s| (s.id.as_str(), s)).collect();
-    containers
+    let mut out: Vec<CriContainer> = containers
         .into_iter()
         .filter(|c| !c.id.is_empty())
         .map(|c| {
@@ -372,15 +377,7 @@ pub fn map_containers(
                         .unwrap_or_default(),
                     node_name: node_name.unwrap_or_default().to_string(),
                 });
-            let pod_labels = sandbox
-                .map(|s| {
-                    s.labels
-                        .iter()
-                        .filter(|(k, _)| !k.starts_with(KUBELET_LABEL_PREFIX))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let pod_labels = sandbox.map(|s| own_labels(&s.labels)).unwrap_or_default();
             let image = c
                 .image
                 .as_ref()
@@ -400,6 +397,38 @@ pub fn map_containers(
                 pod_labels,
             }
         })
+        .collect();
+    for sandbox in sandboxes {
+        let Some(meta) = sandbox.metadata.as_ref() else {
+            continue;
+        };
+        if sandbox.id.is_empty() || sandbox.state != proto::SANDBOX_READY || meta.name.is_empty() {
+            continue;
+        }
+        out.push(CriContainer {
+            id: sandbox.id.to_ascii_lowercase(),
+            name: None,
+            image: None,
+            runtime,
+            k8s: Some(K8sIdentity {
+                pod_name: meta.name.clone(),
+                pod_uid: meta.uid.clone(),
+                namespace: meta.namespace.clone(),
+                container_name: String::new(),
+                node_name: node_name.unwrap_or_default().to_string(),
+            }),
+            pod_labels: own_labels(&sandbox.labels),
+        });
+    }
+    out
+}
+
+/// A sandbox's labels without the kubelet's own `io.kubernetes.*` ones: the pod's labels.
+fn own_labels(labels: &HashMap<String, String>) -> BTreeMap<String, String> {
+    labels
+        .iter()
+        .filter(|(k, _)| !k.starts_with(KUBELET_LABEL_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
 
@@ -488,7 +517,7 @@ mod tests {
             &[sandbox()],
             Some("node-1"),
         );
-        assert_eq!(got.len(), 1);
+        assert_eq!(got.len(), 2, "the container and its sandbox");
         let c = &got[0];
         assert_eq!(c.id, ID.to_ascii_lowercase());
         assert_eq!(c.name.as_deref(), Some("api"));
@@ -509,6 +538,18 @@ mod tests {
             c.pod_labels.iter().collect::<Vec<_>>(),
             vec![(&"app".to_string(), &"dify-api".to_string())]
         );
+        let pause = &got[1];
+        assert_eq!((pause.id.as_str(), pause.name.as_deref()), ("sb1", None));
+        let pod = pause.k8s.as_ref().expect("the sandbox's pod");
+        assert_eq!(
+            (pod.pod_name.as_str(), pod.container_name.as_str()),
+            ("dify-api-7c9f8d6b5-x2x4q", "")
+        );
+        assert_eq!(pause.pod_labels, c.pod_labels);
+        // A sandbox that is not ready has no running process to name.
+        let mut stopped = sandbox();
+        stopped.state = 1;
+        assert_eq!(map_containers(None, Vec::new(), &[stopped], None).len(), 0);
     }
 
     #[test]
@@ -525,6 +566,7 @@ mod tests {
         plain.pod_sandbox_id = "gone".into();
         plain.image = None;
         let got = map_containers(None, vec![c, plain], &[sandbox()], None);
+        assert_eq!(got.len(), 3);
         let k8s = got[0].k8s.as_ref().expect("pod from the sandbox");
         assert_eq!(
             (k8s.pod_name.as_str(), k8s.namespace.as_str()),
