@@ -77,6 +77,8 @@ pub struct Watcher {
     cri: Vec<CriApi>,
     /// The CRI sockets whose last call failed (logged once until they answer again).
     cri_failing: Vec<bool>,
+    /// The CRI sockets that answered at least once (the first answer is logged).
+    cri_answered: Vec<bool>,
 }
 
 impl Watcher {
@@ -99,12 +101,14 @@ impl Watcher {
             kube_failing: false,
             cri: Vec::new(),
             cri_failing: Vec::new(),
+            cri_answered: Vec::new(),
         }
     }
 
     /// Also asks these CRI sockets for names, images and pods.
     pub fn with_cri(mut self, cri: Vec<CriApi>) -> Self {
         self.cri_failing = vec![false; cri.len()];
+        self.cri_answered = vec![false; cri.len()];
         self.cri = cri;
         self
     }
@@ -333,7 +337,11 @@ impl Watcher {
     /// The running containers of every CRI socket that answers, by id.
     fn cri_list(&mut self) -> HashMap<String, CriContainer> {
         let mut all = HashMap::new();
-        for (api, failing) in self.cri.iter().zip(self.cri_failing.iter_mut()) {
+        let states = self
+            .cri_failing
+            .iter_mut()
+            .zip(self.cri_answered.iter_mut());
+        for (api, (failing, answered)) in self.cri.iter().zip(states) {
             if !api.present() {
                 continue;
             }
@@ -342,6 +350,15 @@ impl Watcher {
                     if *failing {
                         info!(socket = %api.socket().display(), "CRI answers again");
                         *failing = false;
+                    }
+                    if !*answered {
+                        info!(
+                            socket = %api.socket().display(),
+                            runtime = list.first().and_then(|c| c.runtime).unwrap_or("-"),
+                            listed = list.len(),
+                            "CRI answers"
+                        );
+                        *answered = true;
                     }
                     all.extend(list.into_iter().map(|c| (c.id.clone(), c)));
                 }
