@@ -241,9 +241,11 @@ fn container_and_pod_selection_from_containerd_cri() -> Result<()> {
         &rx.grpc_endpoint(),
     ])?;
     let spans = only_selected_traced(&rx, &agent, (port_a, &a_prefix), (port_b, &b_prefix))?;
+    let logs = agent.logs(200);
     ensure!(
-        agent.logs(200).contains("--cri-socket does not exist"),
-        "no warning about the missing CRI socket:\n{}",
+        logs.contains("--cri-socket does not exist")
+            && logs.contains(&format!("runtime={} ", version.runtime_name)),
+        "no warning about the missing CRI socket, or no answer from the real one:\n{}",
         agent.logs(80)
     );
     for span in &spans {

@@ -171,6 +171,15 @@ pub struct CriContainer {
     pub pod_labels: BTreeMap<String, String>,
 }
 
+/// One answer of a CRI socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CriListing {
+    /// The runtime's name and version as it reports them (for logs).
+    pub runtime: String,
+    /// Running containers and ready sandboxes.
+    pub containers: Vec<CriContainer>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CriError {
     #[error("connecting to {path}: {source}")]
@@ -223,7 +232,7 @@ impl CriApi {
 
     /// The running containers, with their pods. Blocks (up to a few TIMEOUTs); runs the gRPC
     /// calls on a thread of its own so that it works from async code too.
-    pub fn list(&self) -> Result<Vec<CriContainer>, CriError> {
+    pub fn list(&self) -> Result<CriListing, CriError> {
         std::thread::scope(|scope| {
             let call = scope.spawn(|| {
                 let rt = tokio::runtime::Builder::new_current_thread()
@@ -240,7 +249,7 @@ impl CriApi {
         })
     }
 
-    async fn list_async(&self) -> Result<Vec<CriContainer>, CriError> {
+    async fn list_async(&self) -> Result<CriListing, CriError> {
         let channel = self.connect().await?;
         let mut grpc = tonic::client::Grpc::new(channel);
         let version: proto::VersionResponse = self
@@ -269,12 +278,16 @@ impl CriApi {
         let sandboxes: proto::ListPodSandboxResponse = self
             .call(&mut grpc, "ListPodSandbox", proto::ListPodSandboxRequest {})
             .await?;
-        Ok(map_containers(
-            runtime_name(&version.runtime_name),
-            containers.containers,
-            &sandboxes.items,
-            self.node_name.as_deref(),
-        ))
+        let runtime = runtime_name(&version.runtime_name);
+        Ok(CriListing {
+            runtime: format!("{} {}", version.runtime_name, version.runtime_version),
+            containers: map_containers(
+                runtime,
+                containers.containers,
+                &sandboxes.items,
+                self.node_name.as_deref(),
+            ),
+        })
     }
 
     async fn connect(&self) -> Result<tonic::transport::Channel, CriError> {

@@ -354,13 +354,13 @@ impl Watcher {
                     if !*answered {
                         info!(
                             socket = %api.socket().display(),
-                            runtime = list.first().and_then(|c| c.runtime).unwrap_or("-"),
-                            listed = list.len(),
+                            runtime = %list.runtime,
+                            listed = list.containers.len(),
                             "CRI answers"
                         );
                         *answered = true;
                     }
-                    all.extend(list.into_iter().map(|c| (c.id.clone(), c)));
+                    all.extend(list.containers.into_iter().map(|c| (c.id.clone(), c)));
                 }
                 Err(err) => {
                     if !*failing {
