@@ -249,12 +249,9 @@ state = "{state}"
             if !me.socket.exists() {
                 return None;
             }
-            match me.version() {
-                Ok(v) => Some(Ok(v)),
-                // The CRI service registers a moment after the socket appears.
-                Err(err) if format!("{err:#}").contains("Unimplemented") => None,
-                Err(_) => None,
-            }
+            // The CRI service registers a moment after the socket appears: ask until it
+            // answers (the last error is reported below).
+            me.version().ok().map(Ok)
         });
         match up {
             Some(Ok(_)) => Ok(me),
