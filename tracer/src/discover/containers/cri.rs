@@ -251,7 +251,10 @@ impl CriApi {
 
     async fn list_async(&self) -> Result<CriListing, CriError> {
         let channel = self.connect().await?;
-        let mut grpc = tonic::client::Grpc::new(channel);
+        // gRPC's default 4 MiB would cut a busy node's lists short; the same cap as the pod
+        // list's.
+        let mut grpc = tonic::client::Grpc::new(channel)
+            .max_decoding_message_size(super::http::MAX_RESPONSE_BYTES);
         let version: proto::VersionResponse = self
             .call(
                 &mut grpc,
