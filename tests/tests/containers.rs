@@ -376,17 +376,18 @@ fn go_uprobes_attach_to_a_binary_inside_a_container() -> Result<()> {
     Ok(())
 }
 
-/// A stand-in for the Kubernetes API server: HTTPS with a CA of the test's own, the bearer
-/// token checked, and `GET /api/v1/pods?fieldSelector=spec.nodeName=<node>` answered with
+/// A stand-in for the Kubernetes API server (or the kubelet): HTTPS with a certificate of
+/// the test's own, the bearer token checked, and `GET <path>` (the API server's
+/// `/api/v1/pods?fieldSelector=spec.nodeName%3D<node>`, the kubelet's `/pods`) answered with
 /// the pod list in `pods.json` (written by the test, in the API's shape).
 const FAKE_API_SERVER: &str = r#"
 import http.server, ssl, sys
-port, cert, key, token, pods, node = sys.argv[1:7]
+port, cert, key, token, pods, path = sys.argv[1:7]
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.headers.get("Authorization") != "Bearer " + token:
             self.send_response(401); self.end_headers(); return
-        if self.path != "/api/v1/pods?fieldSelector=spec.nodeName%3D" + node:
+        if self.path != path:
             self.send_response(404); self.end_headers(); return
         body = open(pods, "rb").read()
         self.send_response(200)
@@ -482,7 +483,7 @@ fn kubernetes_filter_by_namespace_and_label_from_the_api_server() -> Result<()> 
         .arg(dir.join("srv.key"))
         .arg(&token)
         .arg(dir.join("pods.json"))
-        .arg("node-1");
+        .arg("/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1");
     let mut api = Proc::spawn("fake-api", cmd, dir.path())?;
     wait_port_of(&mut api, local(api_port), Duration::from_secs(30))?;
 
@@ -665,5 +666,180 @@ fn cgroup_filter_traces_a_plain_cgroup_with_its_own_pid_namespace() -> Result<()
     drop(outside);
     drop(agent);
     drop(cgroup);
+    Ok(())
+}
+
+/// Starts the stand-in kubelet (FAKE_API_SERVER on `/pods`) with a certificate and key of
+/// `dir`; its process and port.
+fn fake_kubelet(dir: &Path, cert: &str, key: &str, token: &str) -> Result<(Proc, u16)> {
+    let port = free_port();
+    let mut cmd = Command::new(python());
+    cmd.arg(dir.join("fake_api.py"))
+        .arg(port.to_string())
+        .arg(dir.join(cert))
+        .arg(dir.join(key))
+        .arg(token)
+        .arg(dir.join("pods.json"))
+        .arg("/pods");
+    let mut proc = Proc::spawn("fake-kubelet", cmd, dir)?;
+    wait_port_of(&mut proc, local(port), Duration::from_secs(30))?;
+    Ok((proc, port))
+}
+
+#[test]
+fn kubernetes_filter_from_the_kubelet_with_ca_and_self_signed_certificates() -> Result<()> {
+    let test = "kubernetes_filter_from_the_kubelet_with_ca_and_self_signed_certificates";
+    let Some(_e2e) = difytrace_tests::e2e(test) else {
+        return Ok(());
+    };
+    let Some(mut dk) = dockerd_or_skip(test) else {
+        return Ok(());
+    };
+    dk.build_python_image(IMAGE, APP, &[])?;
+    let tag = random_hex(8);
+    let (name_a, name_b) = (format!("dt-kla-{tag}"), format!("dt-klb-{tag}"));
+    let (port_a, port_b) = (free_port(), free_port());
+    let id_a = run_app(&mut dk, &name_a, port_a)?;
+    let id_b = run_app(&mut dk, &name_b, port_b)?;
+    wait_serving(&dk, &name_a, port_a)?;
+    wait_serving(&dk, &name_b, port_b)?;
+
+    let dir = difytrace_tests::TempDir::new("kubelet")?;
+    make_certs(dir.path())?;
+    // What a kubelet serves by default: a certificate signed by nobody but itself.
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "self.key",
+            "-out",
+            "self.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=node-1@1764130000",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .context("running openssl")?;
+    ensure!(
+        out.status.success(),
+        "self-signed certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sa = dir.join("serviceaccount");
+    std::fs::create_dir_all(&sa)?;
+    std::fs::copy(dir.join("ca.crt"), sa.join("ca.crt"))?;
+    let token = format!("token-{tag}");
+    std::fs::write(sa.join("token"), format!("{token}\n"))?;
+    let uid_a = "2f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    let uid_b = "3f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    let pods = format!(
+        r#"{{"kind":"PodList","apiVersion":"v1","items":[{},{}]}}"#,
+        pod_json("api-0", "dify", uid_a, "api", &id_a),
+        pod_json("web-0", "dify", uid_b, "web", &id_b)
+    );
+    std::fs::write(dir.join("pods.json"), pods)?;
+    std::fs::write(dir.join("fake_api.py"), FAKE_API_SERVER)?;
+    let socket = dk.socket().to_string_lossy().into_owned();
+    let sa_dir = sa.to_string_lossy().into_owned();
+    // No KUBERNETES_SERVICE_HOST: the kubelet is the only pod source.
+    let env = [("DIFYTRACE_K8S_SERVICE_ACCOUNT_DIR", sa_dir.as_str())];
+
+    // 1. A kubelet whose certificate the cluster CA signed (serverTLSBootstrap): verified.
+    let (kubelet, kubelet_port) = fake_kubelet(dir.path(), "srv.crt", "srv.key", &token)?;
+    let url = format!("https://127.0.0.1:{kubelet_port}");
+    let rx = OtlpReceiver::start()?;
+    let agent = Agent::start_with_env(
+        &[
+            "--k8s-namespace",
+            "dify",
+            "--k8s-pod-label",
+            "app=api",
+            "--kubelet-url",
+            &url,
+            "--docker-socket",
+            &socket,
+            "--otlp-endpoint",
+            &rx.grpc_endpoint(),
+        ],
+        &env,
+    )?;
+    let a_prefix = format!("/kla-{tag}/");
+    let b_prefix = format!("/klb-{tag}/");
+    let spans = only_selected_traced(
+        &rx,
+        &agent,
+        (port_a, &a_prefix),
+        (port_b, &b_prefix),
+        "pod web-0 (label app=web)",
+    )?;
+    for span in paths_with(&spans, &a_prefix) {
+        let want = [
+            ("k8s.pod.name", "api-0"),
+            ("k8s.namespace.name", "dify"),
+            ("k8s.pod.uid", uid_a),
+            ("k8s.container.name", "web"),
+            ("k8s.node.name", "node-1"),
+            ("container.id", id_a.as_str()),
+        ];
+        for (key, value) in want {
+            ensure!(
+                span.res_str(key).as_deref() == Some(value),
+                "{key} of {}: {:?}, want {value}",
+                span.summary(),
+                span.res_str(key)
+            );
+        }
+    }
+    drop(agent);
+    drop(kubelet);
+
+    // 2. A kubelet with its self-signed certificate: reachable with --kubelet-insecure-tls.
+    let (kubelet, kubelet_port) = fake_kubelet(dir.path(), "self.crt", "self.key", &token)?;
+    let url = format!("https://127.0.0.1:{kubelet_port}");
+    let rx = OtlpReceiver::start()?;
+    let agent = Agent::start_with_env(
+        &[
+            "--k8s-pod-label",
+            "app=web",
+            "--kubelet-url",
+            &url,
+            "--kubelet-insecure-tls",
+            "--docker-socket",
+            &socket,
+            "--otlp-endpoint",
+            &rx.grpc_endpoint(),
+        ],
+        &env,
+    )?;
+    let a2 = format!("/kla2-{tag}/");
+    let b2 = format!("/klb2-{tag}/");
+    let spans = only_selected_traced(
+        &rx,
+        &agent,
+        (port_b, &b2),
+        (port_a, &a2),
+        "pod api-0 (label app=api)",
+    )?;
+    for span in paths_with(&spans, &b2) {
+        ensure!(
+            span.res_str("k8s.pod.name").as_deref() == Some("web-0")
+                && span.res_str("k8s.pod.uid").as_deref() == Some(uid_b),
+            "pod of {}: {:?}",
+            span.summary(),
+            span.res_str("k8s.pod.name")
+        );
+    }
+    drop(agent);
+    drop(kubelet);
     Ok(())
 }

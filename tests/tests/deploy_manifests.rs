@@ -637,3 +637,58 @@ fn runtime_tree_runs_the_agent() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn chart_with_kubelet_and_cri_sockets() -> Result<()> {
+    let Some(t) = tools("chart_with_kubelet_and_cri_sockets") else {
+        return Ok(());
+    };
+    let yaml = helm_template(
+        &t.helm,
+        &chart(),
+        "dt",
+        "observability",
+        &[("kubelet.enabled", "true"), ("kubelet.insecureTLS", "true")],
+        &[("criSockets", r#"["/run/k3s/containerd/containerd.sock"]"#)],
+    )?;
+    let v = kubeconform_validate(&t.kubeconform, &[], Some(&yaml))?;
+    ensure_valid(&v, CHART_KINDS)?;
+    let docs = kube_tools::yaml_documents(&yaml)?;
+    let ds = the_daemonset(&docs)?;
+    ensure_agent_shape(ds)?;
+    let c = agent_container(ds)?;
+    let args = strings(&c["args"]);
+    ensure!(
+        args.iter()
+            .any(|a| a == "--cri-socket=/run/k3s/containerd/containerd.sock"),
+        "no --cri-socket in {args:?}"
+    );
+    let env = c["env"].as_array().context("no env")?;
+    let var = |name: &str| env.iter().find(|e| e["name"] == name);
+    let node_ip = var("NODE_IP").context("no NODE_IP")?;
+    ensure!(
+        node_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP",
+        "{node_ip}"
+    );
+    // Kubernetes expands $(NODE_IP) from the variable defined before it.
+    ensure!(
+        var("KUBELET_URL").map(|e| e["value"].clone())
+            == Some(Value::from("https://$(NODE_IP):10250")),
+        "{env:?}"
+    );
+    ensure!(
+        var("KUBELET_INSECURE_TLS").map(|e| e["value"].clone()) == Some(Value::from("true")),
+        "{env:?}"
+    );
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .context("no ClusterRole")?;
+    let rules = role["rules"].as_array().context("no rules")?;
+    ensure!(
+        rules.iter().any(|r| strings(&r["resources"]) == ["nodes/proxy"]
+            && strings(&r["verbs"]) == ["get"]),
+        "no nodes/proxy get for the kubelet: {rules:?}"
+    );
+    Ok(())
+}

@@ -969,7 +969,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         for given in w.unmatched_containers() {
             warn!(
                 container = given,
-                "--container names no running container yet (a name needs the Docker API socket or Kubernetes; an id needs 12+ hex digits); it is picked up when it appears"
+                "--container names no running container yet (a name needs the Docker API socket, a CRI socket or Kubernetes; an id needs 12+ hex digits); it is picked up when it appears"
             );
         }
         let fs = w.cgroup_fs().clone();
@@ -1218,28 +1218,49 @@ fn container_watcher(config: &Config) -> anyhow::Result<Option<containers::Watch
     } else {
         debug!(socket = %config.docker_socket.display(), "no Docker API socket: containers are known by id");
     }
-    let kube =
-        match containers::kube_client::KubeSource::in_cluster(config.k8s_node_name.as_deref()) {
-            Ok(kube) => kube,
+    let kube = match &config.kubelet_url {
+        Some(url) => match containers::kubelet::source(url, config.kubelet_insecure_tls) {
+            Ok(kube) => {
+                info!(%url, "pod metadata from the kubelet");
+                Some(kube)
+            }
             Err(err) => {
-                warn!("no Kubernetes metadata: {err:#}");
+                warn!("no pod metadata from the kubelet {url}: {err:#}");
                 None
             }
-        };
-    if filter.wants_kubernetes() && kube.is_none() {
+        },
+        None => {
+            match containers::kube_client::KubeSource::in_cluster(config.k8s_node_name.as_deref()) {
+                Ok(kube) => kube,
+                Err(err) => {
+                    warn!("no Kubernetes metadata: {err:#}");
+                    None
+                }
+            }
+        }
+    };
+    let cri: Vec<_> = containers::cri::sockets(&config.cri_sockets)
+        .into_iter()
+        .map(|socket| {
+            if socket.exists() {
+                info!(socket = %socket.display(), "container names and pods from CRI");
+            } else {
+                warn!(socket = %socket.display(), "--cri-socket does not exist (yet): it is used once it appears");
+            }
+            containers::cri::CriApi::new(socket, config.k8s_node_name.clone())
+        })
+        .collect();
+    if filter.wants_kubernetes() && kube.is_none() && cri.is_empty() {
         warn!(
-            "--k8s-namespace/--k8s-pod-label given, but no Kubernetes API is reachable (not in a pod?): they select nothing"
+            "--k8s-namespace/--k8s-pod-label given, but neither a Kubernetes API nor a CRI socket is reachable (not in a pod?): they select nothing"
         );
     }
     if filter.is_active() {
         info!(filter = ?filter, cgroup2 = %fs.root.display(), "tracing only the selected containers");
     }
-    Ok(Some(containers::Watcher::new(
-        fs,
-        filter,
-        Some(docker),
-        kube,
-    )))
+    Ok(Some(
+        containers::Watcher::new(fs, filter, Some(docker), kube).with_cri(cri),
+    ))
 }
 
 /// The next container update, or never when there is no watcher.

@@ -52,6 +52,19 @@ pub struct Cli {
     /// images; optional.
     #[arg(long, default_value = "/var/run/docker.sock")]
     pub docker_socket: PathBuf,
+    /// CRI socket of containerd or cri-o (runtime.v1 gRPC), for container names, images and
+    /// pods when no Kubernetes API is used (repeatable). Default: /run/containerd/containerd.sock
+    /// and /run/crio/crio.sock, when they exist.
+    #[arg(long = "cri-socket", value_name = "PATH")]
+    pub cri_sockets: Vec<PathBuf>,
+    /// Read pod metadata from this kubelet (`https://NODE_IP:10250`, GET /pods with the
+    /// service account's token) instead of the API server.
+    #[arg(long, env = "KUBELET_URL", value_name = "URL")]
+    pub kubelet_url: Option<String>,
+    /// Accept the kubelet's certificate without checking who signed it: kubelets usually
+    /// serve a self-signed one the cluster CA does not sign.
+    #[arg(long, env = "KUBELET_INSECURE_TLS")]
+    pub kubelet_insecure_tls: bool,
     /// OTLP endpoint, e.g. http://127.0.0.1:4317 (gRPC) or http://127.0.0.1:4318 (HTTP).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,

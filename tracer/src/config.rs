@@ -40,6 +40,11 @@ pub struct Config {
     pub containers: ContainerFilter,
     pub docker_socket: PathBuf,
     pub k8s_node_name: Option<String>,
+    /// `--cri-socket`s (empty: the runtimes' default sockets that exist).
+    pub cri_sockets: Vec<PathBuf>,
+    /// `--kubelet-url`: pods from the kubelet instead of the API server.
+    pub kubelet_url: Option<String>,
+    pub kubelet_insecure_tls: bool,
     /// Body prefix to export per HTTP/1 message (0: none).
     pub capture_body_bytes: usize,
     /// Export prompts and completions.
@@ -94,6 +99,9 @@ impl Config {
             },
             docker_socket: cli.docker_socket.clone(),
             k8s_node_name: cli.k8s_node_name.clone().filter(|n| !n.trim().is_empty()),
+            cri_sockets: cli.cri_sockets.clone(),
+            kubelet_url: cli.kubelet_url.clone().filter(|u| !u.trim().is_empty()),
+            kubelet_insecure_tls: cli.kubelet_insecure_tls,
             capture_body_bytes: cli.capture_bodies.unwrap_or(0),
             capture_genai_content: cli.capture_genai_content,
         })

@@ -40,6 +40,10 @@ const APT_PACKAGES: &[&str] = &[
     "python3-flask",
     "gunicorn",
     "python3-gevent",
+    // tests/tests/cri.rs: a private containerd with its CRI plugin (docker.io pulls these in
+    // too; named so the CRI test does not depend on that).
+    "containerd",
+    "runc",
     // tests/tests/robustness.rs reads the agent's kernel maps from outside.
     "bpftool",
 ];

@@ -64,3 +64,19 @@ pub fn cgroup2_root() -> Option<PathBuf> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
     cgroup2_mount(&mountinfo)
 }
+
+/// A host path as the agent can reach it: the path itself when it exists, else the same path
+/// under `/proc/1/root` when pid 1 (the host's init under hostPID) has another mount
+/// namespace and the path exists there; None when neither exists.
+pub fn host_path(path: &std::path::Path) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    let own_mnt = fs::read_link("/proc/self/ns/mnt").ok()?;
+    let init_mnt = fs::read_link("/proc/1/ns/mnt").ok()?;
+    if own_mnt == init_mnt {
+        return None;
+    }
+    let through_init = PathBuf::from("/proc/1/root").join(path.strip_prefix("/").unwrap_or(path));
+    through_init.exists().then_some(through_init)
+}

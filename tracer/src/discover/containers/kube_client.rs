@@ -26,11 +26,15 @@ pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceacc
 pub const SERVICE_ACCOUNT_DIR_ENV: &str = "DIFYTRACE_K8S_SERVICE_ACCOUNT_DIR";
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What is needed to list this node's pods.
+/// What is needed to list this node's pods (from the API server, or from the kubelet: see
+/// `kubelet`).
 pub struct KubeSource {
     host: String,
     port: u16,
-    node: String,
+    /// The request path that lists this node's pods.
+    path: String,
+    /// The name the server's certificate must carry.
+    server_name: ServerName<'static>,
     token_file: PathBuf,
     tls: Arc<rustls::ClientConfig>,
 }
@@ -51,17 +55,39 @@ impl KubeSource {
                 "running in Kubernetes but the node name is unknown: set K8S_NODE_NAME (fieldRef spec.nodeName) or --k8s-node-name"
             );
         };
-        let dir = std::env::var_os(SERVICE_ACCOUNT_DIR_ENV)
-            .filter(|d| !d.is_empty())
-            .map_or_else(|| PathBuf::from(SERVICE_ACCOUNT_DIR), PathBuf::from);
+        let dir = service_account_dir();
         let tls = tls_config(&dir.join("ca.crt"))?;
+        // The API server's certificate names the service's IP and kubernetes.default.svc.
+        let server_name = ServerName::try_from(host.clone())
+            .or_else(|_| ServerName::try_from("kubernetes.default.svc".to_string()))
+            .context("API server name")?;
         Ok(Some(Self {
             host,
             port,
-            node: node.to_string(),
+            path: kubernetes::pods_of_node_path(node),
+            server_name,
             token_file: dir.join("token"),
             tls: Arc::new(tls),
         }))
+    }
+
+    /// A source with everything given (the kubelet's, built by `kubelet`).
+    pub(super) fn with_parts(
+        host: String,
+        port: u16,
+        path: String,
+        server_name: ServerName<'static>,
+        token_file: PathBuf,
+        tls: rustls::ClientConfig,
+    ) -> Self {
+        Self {
+            host,
+            port,
+            path,
+            server_name,
+            token_file,
+            tls: Arc::new(tls),
+        }
     }
 
     /// The containers of the pods on this node, by container id.
@@ -69,8 +95,7 @@ impl KubeSource {
         // Re-read each time: projected tokens are rotated by the kubelet.
         let token = std::fs::read_to_string(&self.token_file)
             .with_context(|| format!("reading {}", self.token_file.display()))?;
-        let path = kubernetes::pods_of_node_path(&self.node);
-        let body = self.get(&path, token.trim())?;
+        let body = self.get(&self.path, token.trim())?;
         kubernetes::parse_pod_list(&body).context("parsing the pod list")
     }
 
@@ -83,11 +108,8 @@ impl KubeSource {
         let tcp = TcpStream::connect(&addr).with_context(|| format!("connecting to {addr}"))?;
         tcp.set_read_timeout(Some(TIMEOUT))?;
         tcp.set_write_timeout(Some(TIMEOUT))?;
-        // The API server's certificate names the service's IP and kubernetes.default.svc.
-        let name = ServerName::try_from(self.host.clone())
-            .or_else(|_| ServerName::try_from("kubernetes.default.svc".to_string()))
-            .context("API server name")?;
-        let conn = rustls::ClientConnection::new(self.tls.clone(), name).context("starting TLS")?;
+        let conn = rustls::ClientConnection::new(self.tls.clone(), self.server_name.clone())
+            .context("starting TLS")?;
         let mut stream = rustls::StreamOwned::new(conn, tcp);
         stream
             .write_all(&http::get_request(&self.host, path, Some(token)))
@@ -97,8 +119,15 @@ impl KubeSource {
     }
 }
 
+/// The service account's directory (SERVICE_ACCOUNT_DIR unless overridden).
+pub fn service_account_dir() -> PathBuf {
+    std::env::var_os(SERVICE_ACCOUNT_DIR_ENV)
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from(SERVICE_ACCOUNT_DIR), PathBuf::from)
+}
+
 /// TLS trusting only the cluster's CA.
-fn tls_config(ca_file: &Path) -> anyhow::Result<rustls::ClientConfig> {
+pub(super) fn tls_config(ca_file: &Path) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(ca_file)
         .with_context(|| format!("reading {}", ca_file.display()))?;

@@ -5,11 +5,13 @@
 
 pub mod cgroup_fs;
 pub mod cgroup_path;
+pub mod cri;
 pub mod docker_api;
 pub mod filter;
 pub mod host_view;
 pub mod http;
 pub mod kube_client;
+pub mod kubelet;
 pub mod kubernetes;
 pub mod table;
 pub mod watcher;

@@ -15,6 +15,7 @@ use crate::span::model::ContainerIdentity;
 use super::{
     cgroup_fs::{CgroupDir, CgroupFs},
     cgroup_path::{ContainerRef, container_of_path},
+    cri::{CriApi, CriContainer},
     docker_api::{DockerApi, DockerContainer, split_image},
     filter::ContainerFilter,
     kube_client::KubeSource,
@@ -72,6 +73,12 @@ pub struct Watcher {
     selected: HashMap<u64, String>,
     docker_failing: bool,
     kube_failing: bool,
+    /// CRI sockets (containerd, cri-o), asked after the Docker API.
+    cri: Vec<CriApi>,
+    /// The CRI sockets whose last call failed (logged once until they answer again).
+    cri_failing: Vec<bool>,
+    /// The CRI sockets that answered at least once (the first answer is logged).
+    cri_answered: Vec<bool>,
 }
 
 impl Watcher {
@@ -92,19 +99,34 @@ impl Watcher {
             selected: HashMap::new(),
             docker_failing: false,
             kube_failing: false,
+            cri: Vec::new(),
+            cri_failing: Vec::new(),
+            cri_answered: Vec::new(),
         }
+    }
+
+    /// Also asks these CRI sockets for names, images and pods.
+    pub fn with_cri(mut self, cri: Vec<CriApi>) -> Self {
+        self.cri_failing = vec![false; cri.len()];
+        self.cri_answered = vec![false; cri.len()];
+        self.cri = cri;
+        self
     }
 
     /// Whether refreshing can learn anything (a filter to keep current, or names to ask for).
     pub fn has_work(&self) -> bool {
-        self.filter.is_active() || self.docker.is_some() || self.kube.is_some()
+        self.filter.is_active()
+            || self.docker.is_some()
+            || self.kube.is_some()
+            || !self.cri.is_empty()
     }
 
     /// One look at the host.
     pub fn refresh(&mut self) -> Update {
         let mut update = Update::default();
-        let names_to_learn =
-            self.kube.is_some() || self.docker.as_ref().is_some_and(DockerApi::present);
+        let names_to_learn = self.kube.is_some()
+            || self.docker.as_ref().is_some_and(DockerApi::present)
+            || self.cri.iter().any(CriApi::present);
         if !self.filter.is_active() && !names_to_learn {
             // Nothing to enforce and nobody to ask: ids come from /proc/<pid>/cgroup alone.
             return update;
@@ -185,10 +207,10 @@ impl Watcher {
         if unknown.is_empty() && !self.pods_due(false) {
             return;
         }
-        let listed = if unknown.is_empty() {
-            HashMap::new()
+        let (listed, cri_listed) = if unknown.is_empty() {
+            (HashMap::new(), HashMap::new())
         } else {
-            self.docker_list()
+            (self.docker_list(), self.cri_list())
         };
         if self.pods_due(!unknown.is_empty()) {
             self.read_pods();
@@ -201,6 +223,7 @@ impl Watcher {
                 .unwrap_or_default();
             let was = self.known.get(id);
             let docker = listed.get(id);
+            let cri = cri_listed.get(id);
             let pod = self.pods.get(id);
             let mut identity = ContainerIdentity {
                 id: id.clone(),
@@ -208,10 +231,15 @@ impl Watcher {
                 cgroup_path: own_path.to_string(),
                 ..Default::default()
             };
+            let mut labels = BTreeMap::new();
             if let Some(was) = was {
                 identity.name = was.identity.name.clone();
                 identity.image_name = was.identity.image_name.clone();
                 identity.image_tag = was.identity.image_tag.clone();
+                // CRI is only asked about new containers: what it said stays.
+                identity.runtime = was.identity.runtime;
+                identity.k8s = was.identity.k8s.clone();
+                labels = was.labels.clone();
             }
             if let Some(d) = docker {
                 identity.name = d.name.clone();
@@ -219,7 +247,21 @@ impl Watcher {
                 identity.image_name = name;
                 identity.image_tag = tag;
             }
-            let mut labels = BTreeMap::new();
+            if let Some(c) = cri {
+                if docker.is_none() {
+                    identity.name = c.name.clone();
+                    let (name, tag) = c.image.as_deref().map(split_image).unwrap_or_default();
+                    identity.image_name = name;
+                    identity.image_tag = tag;
+                }
+                if let Some(runtime) = c.runtime {
+                    identity.runtime = Some(runtime);
+                }
+                if c.k8s.is_some() {
+                    identity.k8s = c.k8s.clone();
+                    labels = c.pod_labels.clone();
+                }
+            }
             if let Some(p) = pod {
                 identity.k8s = Some(p.identity.clone());
                 labels = p.labels.clone();
@@ -229,8 +271,10 @@ impl Watcher {
                     identity.image_tag = tag;
                 }
             }
-            let asked = self.docker.is_some() && !unknown.is_empty() && unknown.contains(&id);
-            let misses = match (was, docker.is_some() || pod.is_some()) {
+            let asked = (self.docker.is_some() || !self.cri.is_empty())
+                && !unknown.is_empty()
+                && unknown.contains(&id);
+            let misses = match (was, docker.is_some() || cri.is_some() || pod.is_some()) {
                 (_, true) => 0,
                 (Some(w), false) if asked => w.misses.saturating_add(1),
                 (None, false) if asked => 1,
@@ -288,6 +332,50 @@ impl Watcher {
                 HashMap::new()
             }
         }
+    }
+
+    /// The running containers of every CRI socket that answers, by id.
+    fn cri_list(&mut self) -> HashMap<String, CriContainer> {
+        let mut all = HashMap::new();
+        let states = self
+            .cri_failing
+            .iter_mut()
+            .zip(self.cri_answered.iter_mut());
+        for (api, (failing, answered)) in self.cri.iter().zip(states) {
+            if !api.present() {
+                continue;
+            }
+            match api.list() {
+                Ok(list) => {
+                    if *failing {
+                        info!(socket = %api.socket().display(), "CRI answers again");
+                        *failing = false;
+                    }
+                    if !*answered {
+                        info!(
+                            socket = %api.socket().display(),
+                            runtime = %list.runtime,
+                            listed = list.containers.len(),
+                            "CRI answers"
+                        );
+                        *answered = true;
+                    }
+                    all.extend(list.containers.into_iter().map(|c| (c.id.clone(), c)));
+                }
+                Err(err) => {
+                    if !*failing {
+                        if err.is_unimplemented() {
+                            // Docker's own containerd has its CRI plugin off: common, harmless.
+                            info!(socket = %api.socket().display(), "no CRI service on this socket (CRI plugin disabled?); not used for container names");
+                        } else {
+                            warn!("container names from CRI unknown (ids only): {err}");
+                        }
+                        *failing = true;
+                    }
+                }
+            }
+        }
+        all
     }
 
     fn pods_due(&self, unknown: bool) -> bool {
