@@ -13,7 +13,9 @@
 //! runc for that pod (what `runc spec` makes, with the manifest's settings applied; no pid
 //! namespace for hostPID, as the CRI does). With `--comm gunicorn` the agent traces a
 //! gunicorn on the host and one in a docker container, exports to the test's OTLP receiver,
-//! and stops cleanly on SIGTERM (what a pod deletion sends).
+//! and stops cleanly on SIGTERM (what a pod deletion sends). Run again with `--cgroup`, its
+//! container watcher sees a cgroup made after its start through the read-only cgroup mount
+//! (inotify) and traces the first request of a server in it.
 //!
 //! One deviation from the manifest: the host's network namespace, because the receiver
 //! listens on the host's loopback (the DaemonSet exports to a collector Service and needs no
@@ -298,6 +300,63 @@ struct RuncAgent {
 }
 
 impl RuncAgent {
+    /// Writes the bundle's config.json for the manifest and `args`, runs it as container `id`
+    /// in `cgroup`, and waits until the agent says it traces.
+    fn start(
+        work: &Path,
+        bundle: &Path,
+        m: &Manifest,
+        args: Vec<String>,
+        id: &str,
+        cgroup: &str,
+    ) -> Result<RuncAgent> {
+        let config_path = bundle.join("config.json");
+        // runc spec does not overwrite.
+        let _ = std::fs::remove_file(&config_path);
+        let out = Command::new("runc")
+            .arg("spec")
+            .arg("--bundle")
+            .arg(bundle)
+            .output()
+            .context("running runc spec (Debian package runc, a docker.io dependency)")?;
+        ensure!(
+            out.status.success(),
+            "runc spec: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path)?)?;
+        apply_manifest(&mut spec, m, args, "node-1", cgroup)?;
+        std::fs::write(&config_path, serde_json::to_vec_pretty(&spec)?)?;
+        let root = work.join("runc");
+        let mut cmd = Command::new("runc");
+        cmd.arg("--root")
+            .arg(&root)
+            .arg("run")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(id);
+        let proc = Proc::spawn(&format!("runc-{id}"), cmd, work)?;
+        let mut agent = RuncAgent {
+            proc,
+            root,
+            id: id.to_string(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ready = |log: &str| {
+            log.contains("tracing every process") || log.contains("tracing the selected processes")
+        };
+        while !ready(&agent.log()) {
+            ensure!(
+                agent.proc.is_running() && Instant::now() < deadline,
+                "the agent container did not get ready ({:?}):\n{}",
+                agent.proc.try_exit(),
+                log_tail(&agent.log(), 60)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(agent)
+    }
+
     fn runc(&self, args: &[&str]) -> Result<String> {
         let out = Command::new("runc")
             .arg("--root")
@@ -480,48 +539,17 @@ fn agent_image_builds_without_a_registry_and_traces_as_the_daemonset() -> Result
         metrics_port,
         &["--comm", "gunicorn"],
     ));
-    let out = Command::new("runc")
-        .arg("spec")
-        .arg("--bundle")
-        .arg(&bundle)
-        .output()
-        .context("running runc spec (Debian package runc, a docker.io dependency)")?;
-    ensure!(
-        out.status.success(),
-        "runc spec: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config_path = bundle.join("config.json");
-    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path)?)?;
     let agent_cgroup = format!("/difytrace-agent-{tag}");
-    apply_manifest(&mut spec, &m, args, "node-1", &agent_cgroup)?;
-    std::fs::write(&config_path, serde_json::to_vec_pretty(&spec)?)?;
-    let runc_root = work.join("runc");
-    let id = format!("difytrace-agent-{tag}");
-    let mut cmd = Command::new("runc");
-    cmd.arg("--root")
-        .arg(&runc_root)
-        .arg("run")
-        .arg("--bundle")
-        .arg(&bundle)
-        .arg(&id);
-    let proc = Proc::spawn("runc-agent", cmd, work.path())?;
-    let mut agent = RuncAgent {
-        proc,
-        root: runc_root,
-        id,
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !agent.log().contains("tracing the selected processes") {
-        ensure!(
-            agent.proc.is_running() && Instant::now() < deadline,
-            "the agent container did not get ready ({:?}):\n{}",
-            agent.proc.try_exit(),
-            log_tail(&agent.log(), 60)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let agent = RuncAgent::start(
+        work.path(),
+        &bundle,
+        &m,
+        args,
+        &format!("difytrace-agent-{tag}"),
+        &agent_cgroup,
+    )?;
     // Exactly the manifest's capabilities, effective for uid 0.
+    let mut agent = agent;
     let agent_pid = agent.pid()?;
     let status = std::fs::read_to_string(format!("/proc/{agent_pid}/status"))?;
     let cap_eff = status
@@ -619,5 +647,143 @@ fn agent_image_builds_without_a_registry_and_traces_as_the_daemonset() -> Result
     );
     drop(agent);
     drop(host);
+
+    // With a selection, the watcher runs in the container too: a cgroup made after the agent
+    // is seen through the read-only cgroup mount (inotify) and enters the kernel filter at
+    // once, with no more than the four capabilities.
+    let cg_root = cgroup2_root().context("no cgroup2 mount")?;
+    let parent_name = format!("difytrace-img-{tag}");
+    let parent = OwnCgroup::create(&cg_root.join(&parent_name))?;
+    let rx = OtlpReceiver::start()?;
+    let mut args = vec!["/usr/local/bin/tracer".to_string()];
+    let selection = format!("--cgroup=/{parent_name}");
+    args.extend(agent_args(
+        &m,
+        &rx.grpc_endpoint(),
+        free_port(),
+        &[
+            &selection,
+            "--log-level=info,tracer::agent=debug,tracer::discover::containers=debug",
+        ],
+    ));
+    let agent = RuncAgent::start(
+        work.path(),
+        &bundle,
+        &m,
+        args,
+        &format!("difytrace-agent2-{tag}"),
+        &format!("/difytrace-agent2-{tag}"),
+    )?;
+    let child = OwnCgroup::create(&parent.dir.join("job"))?;
+    let port = free_port();
+    let serve = format!(
+        "echo $$ > {}/cgroup.procs && exec {} -m http.server --bind 127.0.0.1 {port}",
+        child.dir.display(),
+        difytrace_tests::python::python().display()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(serve).current_dir(work.path());
+    let mut server = Proc::spawn("late-server", cmd, work.path())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(local(port)).is_err() {
+        ensure!(
+            server.is_running() && Instant::now() < deadline,
+            "server not serving\n{}",
+            server.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let path = format!("/late-{tag}/0");
+    http_get(local(port), &path, &[])?;
+    rx.wait_for(
+        |s| {
+            s.iter()
+                .any(|x| x.is_server() && x.attr_str("url.path").as_deref() == Some(&path))
+        },
+        SPAN_WAIT,
+    )
+    .map_err(|e| {
+        e.context(format!(
+            "first request in a cgroup made after the agent container not traced:\n{}",
+            log_tail(&agent.log(), 60)
+        ))
+    })?;
+    let log = agent.log();
+    let child_path = format!("/{parent_name}/job");
+    let age = log
+        .lines()
+        .filter(|l| l.contains("cgroup selected") && l.contains(&format!("cgroup={child_path} ")))
+        .find_map(|l| {
+            l.split("age_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .with_context(|| {
+            format!(
+                "no 'cgroup selected' line for {child_path}\n{}",
+                log_tail(&log, 60)
+            )
+        })?;
+    ensure!(
+        log.contains("watching cgroup directories for new containers"),
+        "no inotify watches in the container:\n{}",
+        log_tail(&log, 60)
+    );
+    eprintln!(
+        "{test}: in the agent container, cgroup {child_path} entered the kernel filter {age:.1} ms after it was made"
+    );
+    ensure!(
+        age < 100.0,
+        "the cgroup entered the filter {age} ms after it was made\n{}",
+        log_tail(&log, 60)
+    );
+    drop(server);
+    drop(agent);
+    drop(child);
+    drop(parent);
     Ok(())
+}
+
+/// The cgroup2 mount point (pure v2: /sys/fs/cgroup; hybrid: /sys/fs/cgroup/unified).
+fn cgroup2_root() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        if after.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        before.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// A cgroup of the test's own, emptied and removed on drop.
+struct OwnCgroup {
+    dir: PathBuf,
+}
+
+impl OwnCgroup {
+    fn create(dir: &Path) -> Result<OwnCgroup> {
+        std::fs::create_dir(dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(OwnCgroup { dir: dir.into() })
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: plain kill(2) of processes this test put there.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove cgroup {}", self.dir.display());
+    }
 }
