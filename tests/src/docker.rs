@@ -17,6 +17,9 @@ use crate::{TempDir, poll, tail};
 /// `/proc/<pid>/root`.
 pub const IMAGE_PYTHONPATH: &str = "/opt/difytrace-py";
 
+/// Debian's docker client (package docker.io), the one `build` prefers.
+pub const DEBIAN_DOCKER: &str = "/usr/bin/docker";
+
 /// The Debian interpreter the image is built from (python3-flask, gunicorn, python3-gevent).
 pub const DEBIAN_PYTHON: &str = "/usr/bin/python3.11";
 
@@ -162,6 +165,54 @@ impl Dockerd {
         let tar_path = tar.to_string_lossy().into_owned();
         self.docker(&["import", &tar_path, tag])?;
         Ok(())
+    }
+
+    /// `docker build` with BuildKit (which builds only the stages the target uses: the
+    /// classic builder runs every stage, and a stage FROM a registry image cannot be pulled
+    /// here). The client is Debian's (docker.io 20.10 has BuildKit built in; docker >= 23
+    /// clients need the buildx plugin for it). Returns the build's output.
+    pub fn build(
+        &self,
+        dockerfile: &Path,
+        context: &Path,
+        build_args: &[(&str, &str)],
+        tag: &str,
+    ) -> Result<String> {
+        let client = if Path::new(DEBIAN_DOCKER).is_file() {
+            DEBIAN_DOCKER
+        } else {
+            "docker"
+        };
+        let mut cmd = Command::new(client);
+        cmd.arg("--host")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(["build", "--progress", "plain", "-f"])
+            .arg(dockerfile)
+            .args(["-t", tag]);
+        for (key, value) in build_args {
+            cmd.arg("--build-arg").arg(format!("{key}={value}"));
+        }
+        let out = cmd
+            .arg(context)
+            .env_remove("DOCKER_HOST")
+            .env("DOCKER_BUILDKIT", "1")
+            .env("DOCKER_CONFIG", self.dir.join("client"))
+            .output()
+            .with_context(|| format!("running {client} build"))?;
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            bail!(
+                "{client} build -f {} failed ({}):\n{}",
+                dockerfile.display(),
+                out.status,
+                tail(&log, 40)
+            );
+        }
+        Ok(log)
     }
 
     /// `docker run -d --network host --name <name> <args...>`; the full container id.

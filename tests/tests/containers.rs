@@ -843,3 +843,200 @@ fn kubernetes_filter_from_the_kubelet_with_ca_and_self_signed_certificates() -> 
     drop(kubelet);
     Ok(())
 }
+
+/// The `age_ms` of the agent's "cgroup selected" log line for a cgroup path containing `id`:
+/// milliseconds from the cgroup's creation to its entry in the kernel filter.
+fn selected_age_ms(log: &str, id: &str) -> Option<f64> {
+    log.lines()
+        .filter(|l| l.contains("cgroup selected") && l.contains(id))
+        .find_map(|l| {
+            let rest = l.split("age_ms=").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+}
+
+#[test]
+fn container_started_after_the_agent_is_traced_from_its_first_request() -> Result<()> {
+    let test = "container_started_after_the_agent_is_traced_from_its_first_request";
+    let Some(_e2e) = difytrace_tests::e2e(test) else {
+        return Ok(());
+    };
+    let Some(mut dk) = dockerd_or_skip(test) else {
+        return Ok(());
+    };
+    dk.build_python_image(IMAGE, APP, &[])?;
+    let tag = random_hex(8);
+    let name = format!("dt-first-{tag}");
+    let port = free_port();
+    let rx = OtlpReceiver::start()?;
+    let socket = dk.socket().to_string_lossy().into_owned();
+    let agent = Agent::start(&[
+        "--container",
+        &name,
+        "--docker-socket",
+        &socket,
+        "--otlp-endpoint",
+        &rx.grpc_endpoint(),
+        "--log-level",
+        "info,tracer::agent=debug,tracer::discover::containers=debug",
+    ])?;
+    let started = Instant::now();
+    let id = run_app(&mut dk, &name, port)?;
+    // The first request goes out the moment the port accepts: no warm-up, no retry.
+    let deadline = started + Duration::from_secs(60);
+    while std::net::TcpStream::connect(local(port)).is_err() {
+        ensure!(
+            Instant::now() < deadline,
+            "container {name} not serving; its log:\n{}",
+            dk.logs(&name)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let accepting_after = started.elapsed();
+    let path = format!("/first-{tag}/0");
+    let first = http_get(local(port), &path, &[])?;
+    ensure!(first.status == 200, "{first:?}");
+    let spans = rx
+        .wait_for(
+            |s| {
+                s.iter()
+                    .any(|x| x.is_server() && x.attr_str("url.path").as_deref() == Some(&path))
+            },
+            SPAN_WAIT,
+        )
+        .map_err(|e| {
+            agent.annotate(e.context(format!(
+                "the container's first request (port accepting {accepting_after:?} after docker run) was not traced"
+            )))
+        })?;
+    let span = spans
+        .iter()
+        .find(|x| x.is_server() && x.attr_str("url.path").as_deref() == Some(&path))
+        .context("first span")?;
+    ensure!(
+        span.res_str("container.id").as_deref() == Some(id.as_str())
+            && span.res_str("container.name").as_deref() == Some(name.as_str()),
+        "container identity of the first span {}: {:?} {:?}",
+        span.summary(),
+        span.res_str("container.id"),
+        span.res_str("container.name")
+    );
+    ensure!(
+        span.attr_int("http.response.status_code") == Some(200),
+        "status of {}",
+        span.summary()
+    );
+    let log = agent.stderr();
+    let age = selected_age_ms(&log, &id).with_context(|| {
+        format!(
+            "no 'cgroup selected' line with age_ms for {id}\n{}",
+            agent.logs(60)
+        )
+    })?;
+    eprintln!(
+        "{test}: cgroup of {name} entered the kernel filter {age:.1} ms after it was made; port accepting {} ms after docker run started",
+        accepting_after.as_millis()
+    );
+    for line in log
+        .lines()
+        .filter(|l| l.contains("new cgroups") && l.contains(&id))
+    {
+        eprintln!("{test}: {line}");
+    }
+    // Walking every second would put this anywhere up to 1000 ms (plus the runtime API's
+    // listing); the inotify wake-up keeps it to the walk and one API call.
+    ensure!(
+        age < 500.0,
+        "the cgroup entered the filter {age} ms after it was made\n{}",
+        agent.logs(60)
+    );
+    Ok(())
+}
+
+#[test]
+fn cgroup_made_after_the_agent_is_selected_within_milliseconds() -> Result<()> {
+    let test = "cgroup_made_after_the_agent_is_selected_within_milliseconds";
+    let Some(_e2e) = difytrace_tests::e2e(test) else {
+        return Ok(());
+    };
+    let Some(root) = cgroup2_root() else {
+        return difytrace_tests::prerequisite_missing(test, &["a cgroup2 mount".to_string()])
+            .unwrap_or(Ok(()));
+    };
+    let tag = random_hex(8);
+    let parent_name = format!("difytrace-test-{}-{tag}", std::process::id());
+    let parent = OwnCgroup::create(&root, &parent_name)?;
+    let rx = OtlpReceiver::start()?;
+    let cg_arg = format!("/{parent_name}");
+    let agent = Agent::start(&[
+        "--cgroup",
+        &cg_arg,
+        "--otlp-endpoint",
+        &rx.grpc_endpoint(),
+        "--log-level",
+        "info,tracer::agent=debug,tracer::discover::containers=debug",
+    ])?;
+    // Made after the agent: no runtime API involved, only the inotify wake-up and a walk.
+    let child = OwnCgroup::create(&parent.dir, "job")?;
+    let dir = difytrace_tests::TempDir::new("late-cgroup")?;
+    let port = free_port();
+    let started = Instant::now();
+    let mut server = http_server(dir.path(), "late", port, Some(&child.dir))?;
+    let deadline = started + Duration::from_secs(30);
+    while std::net::TcpStream::connect(local(port)).is_err() {
+        ensure!(
+            server.is_running() && Instant::now() < deadline,
+            "server in the new cgroup not serving\n{}",
+            server.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let accepting_after = started.elapsed();
+    let path = format!("/late-{tag}/0");
+    http_get(local(port), &path, &[])?;
+    rx.wait_for(
+        |s| {
+            s.iter()
+                .any(|x| x.is_server() && x.attr_str("url.path").as_deref() == Some(&path))
+        },
+        SPAN_WAIT,
+    )
+    .map_err(|e| {
+        agent.annotate(e.context(format!(
+            "the first request to a server in a cgroup made after the agent (accepting {accepting_after:?} after start) was not traced"
+        )))
+    })?;
+    let child_path = format!("/{parent_name}/job");
+    let log = agent.stderr();
+    let age = log
+        .lines()
+        .filter(|l| l.contains("cgroup selected") && l.contains(&format!("cgroup={child_path} ")))
+        .find_map(|l| {
+            l.split("age_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .with_context(|| {
+            format!(
+                "no 'cgroup selected' line for {child_path}\n{}",
+                agent.logs(60)
+            )
+        })?;
+    eprintln!(
+        "{test}: cgroup {child_path} entered the kernel filter {age:.1} ms after it was made; the server accepted {} ms after it was started",
+        accepting_after.as_millis()
+    );
+    ensure!(
+        age < 100.0,
+        "the cgroup entered the filter {age} ms after it was made\n{}",
+        agent.logs(60)
+    );
+    drop(server);
+    drop(agent);
+    drop(child);
+    drop(parent);
+    Ok(())
+}

@@ -444,8 +444,9 @@ fn broken_manifests_are_rejected() -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
-// deploy/Dockerfile. No registry is reachable here, so the image itself cannot be built;
-// what can be checked without one is.
+// deploy/Dockerfile. No registry is reachable here, so the builder stage cannot run; what
+// can be checked without one is. tests/agent_image.rs builds and runs the runtime stage from
+// a prebuilt binary.
 
 /// A Dockerfile instruction: keyword and its text (continuation lines joined).
 fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
@@ -480,7 +481,9 @@ fn dockerfile_arg(ins: &[(String, String)], name: &str) -> Option<String> {
 }
 
 /// The stages: builder reproduces `cargo xtask setup`'s toolchain (same pins as xtask),
-/// the runtime stage is scratch with only the tree runtime-rootfs.sh makes, run as uid 0.
+/// prebuilt takes the tree from the build context instead, rootfs is the one ARG ROOTFS
+/// names (builder by default), and the runtime stage is scratch with only that tree, run as
+/// uid 0.
 #[test]
 fn dockerfile_stages_and_toolchain() -> Result<()> {
     let text = std::fs::read_to_string(deploy_dir().join("Dockerfile"))?;
@@ -491,15 +494,31 @@ fn dockerfile_stages_and_toolchain() -> Result<()> {
         .map(|(_, v)| v)
         .collect();
     ensure!(
-        froms.len() == 2,
-        "want a builder and a runtime stage: {froms:?}"
+        froms.len() == 4,
+        "want builder, prebuilt, rootfs and runtime stages: {froms:?}"
     );
     ensure!(
         froms[0].starts_with("rust:${RUST_VERSION}") && froms[0].ends_with("AS builder"),
         "{}",
         froms[0]
     );
-    ensure!(froms[1] == "scratch AS runtime", "{}", froms[1]);
+    ensure!(froms[1] == "scratch AS prebuilt", "{}", froms[1]);
+    ensure!(froms[2] == "${ROOTFS} AS rootfs", "{}", froms[2]);
+    ensure!(froms[3] == "scratch AS runtime", "{}", froms[3]);
+    ensure!(
+        dockerfile_arg(&ins, "ROOTFS").as_deref() == Some("builder"),
+        "the default build should compile: ARG ROOTFS=builder"
+    );
+    let prebuilt: Vec<&(String, String)> = ins
+        .iter()
+        .skip_while(|(k, v)| !(k == "FROM" && v.ends_with("AS prebuilt")))
+        .skip(1)
+        .take_while(|(k, _)| k != "FROM")
+        .collect();
+    ensure!(
+        prebuilt.len() == 1 && prebuilt[0].0 == "COPY" && prebuilt[0].1 == ". /out/rootfs/",
+        "the prebuilt stage should only take the context as the tree: {prebuilt:?}"
+    );
 
     // the pins are xtask's
     let util = std::fs::read_to_string(workspace_root().join("xtask/src/util.rs"))?;
@@ -519,7 +538,8 @@ fn dockerfile_stages_and_toolchain() -> Result<()> {
     let builder: Vec<&(String, String)> = ins
         .iter()
         .skip_while(|(k, v)| !(k == "FROM" && v.ends_with("AS builder")))
-        .take_while(|(k, v)| !(k == "FROM" && v.ends_with("AS runtime")))
+        .skip(1)
+        .take_while(|(k, _)| k != "FROM")
         .collect();
     let runs: String = builder
         .iter()
@@ -558,7 +578,7 @@ fn dockerfile_stages_and_toolchain() -> Result<()> {
         "the runtime stage should only copy the tree, set the user and the entrypoint: {runtime:?}"
     );
     ensure!(
-        runtime[0].1 == "--from=builder /out/rootfs/ /",
+        runtime[0].1 == "--from=rootfs /out/rootfs/ /",
         "{}",
         runtime[0].1
     );

@@ -1297,7 +1297,14 @@ impl Agent {
         for dir in &update.added {
             match self.probes.select_cgroup(dir.id) {
                 Ok(()) => {
-                    debug!(cgroup = %dir.path, id = dir.id, "cgroup selected");
+                    // age_ms: from the cgroup's creation to its entry in the kernel filter
+                    // (for cgroups that predate the agent, simply their age).
+                    debug!(
+                        cgroup = %dir.path,
+                        id = dir.id,
+                        age_ms = fs.age(&dir.path).map(|a| a.as_secs_f64() * 1e3),
+                        "cgroup selected"
+                    );
                     pids.extend(fs.procs(&dir.path));
                 }
                 Err(err) => warn!("{err:#}"),

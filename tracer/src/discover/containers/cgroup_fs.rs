@@ -149,6 +149,13 @@ impl CgroupFs {
         (out, truncated)
     }
 
+    /// How long ago a cgroup directory was made, from its modification time (cgroupfs sets it
+    /// at creation, at clock-tick precision, and moves it when a child cgroup is made).
+    pub fn age(&self, path: &str) -> Option<std::time::Duration> {
+        let modified = fs::metadata(self.dir(path)).ok()?.modified().ok()?;
+        std::time::SystemTime::now().duration_since(modified).ok()
+    }
+
     /// The processes in a cgroup (not its descendants), in the agent's pid namespace.
     pub fn procs(&self, path: &str) -> Vec<u32> {
         fs::read_to_string(self.dir(path).join("cgroup.procs"))

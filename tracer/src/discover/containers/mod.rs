@@ -3,6 +3,7 @@
 //! containers. All optional: without a runtime socket or a cluster, containers are known by
 //! id only; without container flags nothing here filters.
 
+pub mod cgroup_events;
 pub mod cgroup_fs;
 pub mod cgroup_path;
 pub mod cri;
@@ -16,29 +17,41 @@ pub mod kubernetes;
 pub mod table;
 pub mod watcher;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
-use tracing::warn;
+use tracing::{debug, warn};
 
 pub use filter::ContainerFilter;
 pub use table::ContainerTable;
 pub use watcher::{Update, Watcher};
 
-/// How often the watcher looks for new containers (a container started after the agent is
-/// traced from at most this long after its cgroup appears).
+/// How often the watcher walks the cgroup tree when nothing woke it. New cgroup directories
+/// wake it at once (inotify, cgroup_events.rs); this walk is the fallback and catches what
+/// inotify cannot see (sub-cgroups inside containers, a host beyond MAX_WATCHES).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the watcher on its own thread (its API calls block); updates arrive on the channel.
 pub fn spawn(mut watcher: Watcher) -> anyhow::Result<UnboundedReceiver<Update>> {
     let (tx, rx) = unbounded_channel();
+    watcher.watch_cgroup_events();
     std::thread::Builder::new()
         .name("containers".into())
         .spawn(move || {
             let mut warned_truncated = false;
             loop {
-                std::thread::sleep(REFRESH_EVERY);
+                let wake = watcher.wait();
+                let woke = Instant::now();
                 let update = watcher.refresh();
+                if !wake.created.is_empty() {
+                    debug!(
+                        created = ?wake.created,
+                        overflow = wake.overflow,
+                        selected = update.added.len(),
+                        refresh_us = woke.elapsed().as_micros() as u64,
+                        "new cgroups"
+                    );
+                }
                 if update.truncated && !warned_truncated {
                     warn!(
                         max = cgroup_fs::MAX_CGROUP_DIRS,

@@ -13,6 +13,8 @@ use tracing::{debug, info, warn};
 use crate::span::model::ContainerIdentity;
 
 use super::{
+    REFRESH_EVERY,
+    cgroup_events::{CgroupEvents, Wake},
     cgroup_fs::{CgroupDir, CgroupFs},
     cgroup_path::{ContainerRef, container_of_path},
     cri::{CriApi, CriContainer},
@@ -24,7 +26,14 @@ use super::{
 
 /// How many refreshes a container may stay unknown to the runtime API before the agent stops
 /// asking (a container that is being created is listed a moment after its cgroup exists).
-const LOOKUP_TRIES: u8 = 5;
+const LOOKUP_TRIES: u8 = 18;
+/// Retries of a container the runtime API did not list yet: LOOKUP_QUICK_TRIES every
+/// LOOKUP_RETRY_QUICK, then twice as long each time up to REFRESH_EVERY (about 3.5 s over
+/// LOOKUP_TRIES). A `--container <name>` selection needs the listing, and Docker lists a
+/// started container only once runc has started it, 20-50 ms after runc made its cgroup
+/// (measured with Debian's docker.io 20.10: the look on the inotify wake-up always misses it).
+const LOOKUP_RETRY_QUICK: Duration = Duration::from_millis(20);
+const LOOKUP_QUICK_TRIES: u8 = 10;
 /// The pod list is read again at least this often, and at most this often when unknown
 /// containers appear.
 const PODS_EVERY: Duration = Duration::from_secs(30);
@@ -79,6 +88,12 @@ pub struct Watcher {
     cri_failing: Vec<bool>,
     /// The CRI sockets that answered at least once (the first answer is logged).
     cri_answered: Vec<bool>,
+    /// Word of new cgroups between walks (None: the periodic walk alone).
+    events: Option<CgroupEvents>,
+    /// Watches the last walk added (their directories' children may predate the watch).
+    new_watches: usize,
+    /// When to ask the runtime API again for containers it did not list yet.
+    retry_in: Option<Duration>,
 }
 
 impl Watcher {
@@ -102,6 +117,51 @@ impl Watcher {
             cri: Vec::new(),
             cri_failing: Vec::new(),
             cri_answered: Vec::new(),
+            events: None,
+            new_watches: 0,
+            retry_in: None,
+        }
+    }
+
+    /// Wakes on new cgroup directories (inotify) instead of waiting for the next walk; without
+    /// inotify the walk alone finds them.
+    pub fn watch_cgroup_events(&mut self) {
+        match CgroupEvents::new(self.fs.clone()) {
+            Ok(mut events) => {
+                // Watched before the thread's first wait, which then walks at once: a cgroup
+                // made since the agent's first walk is not left for REFRESH_EVERY.
+                let (dirs, _) = self.fs.walk();
+                self.new_watches = events.watch(&dirs);
+                self.events = Some(events);
+            }
+            Err(err) => warn!(
+                "no inotify on the cgroup tree ({err}): new containers are found by the walk every {REFRESH_EVERY:?}"
+            ),
+        }
+    }
+
+    /// Waits until the next refresh is due: a cgroup directory was made, a container the
+    /// runtime did not list yet is due for another look, or REFRESH_EVERY passed.
+    pub fn wait(&mut self) -> Wake {
+        let mut timeout = self.retry_in.unwrap_or(REFRESH_EVERY).min(REFRESH_EVERY);
+        if self.new_watches > 0 {
+            // A directory watched only now may have had children made before its watch.
+            timeout = Duration::ZERO;
+        }
+        let Some(events) = self.events.as_mut() else {
+            std::thread::sleep(timeout);
+            return Wake::default();
+        };
+        match events.wait(timeout) {
+            Ok(wake) => wake,
+            Err(err) => {
+                warn!(
+                    "reading cgroup events failed ({err}): new containers are found by the walk every {REFRESH_EVERY:?}"
+                );
+                self.events = None;
+                std::thread::sleep(timeout);
+                Wake::default()
+            }
         }
     }
 
@@ -133,6 +193,16 @@ impl Watcher {
         }
         let (dirs, truncated) = self.fs.walk();
         update.truncated = truncated;
+        if let Some(events) = self.events.as_mut() {
+            self.new_watches = events.watch(&dirs);
+            if self.new_watches > 0 {
+                debug!(
+                    added = self.new_watches,
+                    watching = events.watching(),
+                    "watching cgroup directories for new containers"
+                );
+            }
+        }
         let mut containers: HashMap<String, (ContainerRef, Vec<&CgroupDir>)> = HashMap::new();
         let mut plain: Vec<&CgroupDir> = Vec::new();
         for dir in &dirs {
@@ -146,6 +216,7 @@ impl Watcher {
             }
         }
         self.learn_names(&containers, &mut update);
+        self.retry_in = self.lookup_retry();
         self.known.retain(|id, _| {
             let alive = containers.contains_key(id);
             if !alive {
@@ -309,6 +380,19 @@ impl Watcher {
         }
     }
 
+    /// How soon to ask the runtime API again: containers it did not list yet are asked for
+    /// with a growing pause.
+    fn lookup_retry(&self) -> Option<Duration> {
+        if !self.docker.as_ref().is_some_and(DockerApi::present) {
+            return None;
+        }
+        self.known
+            .values()
+            .filter(|k| k.misses > 0 && k.misses < LOOKUP_TRIES)
+            .map(|k| lookup_pause(k.misses))
+            .min()
+    }
+
     fn docker_list(&mut self) -> HashMap<String, DockerContainer> {
         let Some(api) = &self.docker else {
             return HashMap::new();
@@ -442,6 +526,14 @@ impl Watcher {
     }
 }
 
+/// The pause before the next look for a container the runtime API missed `misses` times.
+fn lookup_pause(misses: u8) -> Duration {
+    let doublings = misses.saturating_sub(LOOKUP_QUICK_TRIES).min(16);
+    LOOKUP_RETRY_QUICK
+        .saturating_mul(1 << doublings)
+        .min(REFRESH_EVERY)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
@@ -510,6 +602,20 @@ mod tests {
         assert_eq!(gone.gone, vec![A.to_string()]);
         assert_eq!(w.unmatched_containers(), vec![&A[..12]]);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn lookups_are_retried_quickly_then_less_often() {
+        assert_eq!(lookup_pause(1), LOOKUP_RETRY_QUICK);
+        assert_eq!(lookup_pause(LOOKUP_QUICK_TRIES), LOOKUP_RETRY_QUICK);
+        assert_eq!(lookup_pause(LOOKUP_QUICK_TRIES + 1), LOOKUP_RETRY_QUICK * 2);
+        assert_eq!(lookup_pause(LOOKUP_TRIES), REFRESH_EVERY);
+        assert_eq!(lookup_pause(u8::MAX), REFRESH_EVERY);
+        let total: Duration = (1..LOOKUP_TRIES).map(lookup_pause).sum();
+        assert!(
+            total > Duration::from_secs(3) && total < Duration::from_secs(6),
+            "{total:?}"
+        );
     }
 
     #[test]
