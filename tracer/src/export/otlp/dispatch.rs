@@ -26,6 +26,9 @@ use crate::{
     span::model::{FinishedSpan, ProcessResource},
 };
 
+/// How often resources with spans of failed exports and no new traffic get them re-queued.
+const REQUEUE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Bounds of the resource table (constants in production, small in tests).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Limits {
@@ -59,6 +62,7 @@ pub(super) struct Dispatcher {
     pub(super) entries: HashMap<ProcessResource, Entry>,
     scope: InstrumentationScope,
     next_sweep: Instant,
+    next_requeue: Instant,
 }
 
 impl Dispatcher {
@@ -70,12 +74,16 @@ impl Dispatcher {
             entries: HashMap::new(),
             scope: scope(),
             next_sweep: Instant::now() + limits.sweep_interval,
+            next_requeue: Instant::now() + REQUEUE_INTERVAL,
         }
     }
 
     pub(super) fn run(mut self, rx: &Receiver<Msg>) {
         loop {
-            let wait = self.next_sweep.saturating_duration_since(Instant::now());
+            let wait = self
+                .next_sweep
+                .min(self.next_requeue)
+                .saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
                 Ok(Msg::Span(span)) => self.handle(span),
                 Ok(Msg::Shutdown { deadline, done }) => {
@@ -100,6 +108,10 @@ impl Dispatcher {
                 }
             }
             let now = Instant::now();
+            if now >= self.next_requeue {
+                self.next_requeue = now + REQUEUE_INTERVAL;
+                self.requeue_held();
+            }
             if now >= self.next_sweep {
                 self.next_sweep = now + self.limits.sweep_interval;
                 self.sweep(now);
@@ -140,6 +152,30 @@ impl Dispatcher {
         }
         entry.processor.on_end(to_span_data(span, &self.scope));
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Spans kept from failed exports ride along with the next batch; a resource that gets
+    /// no new span would hold them until it is retired. Those go back into their processor
+    /// (whose next export sends them, or keeps them again while the backend is still down).
+    pub(super) fn requeue_held(&mut self) {
+        for entry in self.entries.values() {
+            if entry.in_processor.load(Ordering::Acquire) > 0 {
+                // A batch is coming anyway and takes the held spans with it.
+                continue;
+            }
+            let held = entry.retry.take();
+            if held.is_empty() {
+                continue;
+            }
+            tracing::debug!(
+                spans = held.len(),
+                "re-queueing spans of failed OTLP exports"
+            );
+            entry.in_processor.fetch_add(held.len(), Ordering::AcqRel);
+            for span in held {
+                entry.processor.on_end(span);
+            }
+        }
     }
 
     fn evict_lru(&mut self) {

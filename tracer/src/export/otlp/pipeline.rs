@@ -40,15 +40,24 @@ struct CountingExporter<E> {
     retry: Arc<RetryBuffer>,
 }
 
-/// Spans of failed exports, oldest first, sent again ahead of the next batch.
+/// Spans of failed exports, oldest first, sent again ahead of the next batch (or put back
+/// into the processor by the dispatcher when no new batch comes: `Dispatcher::requeue_held`).
 #[derive(Debug)]
-struct RetryBuffer {
+pub(super) struct RetryBuffer {
     spans: Mutex<Vec<SpanData>>,
     capacity: usize,
 }
 
 impl RetryBuffer {
-    fn take(&self) -> Vec<SpanData> {
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.spans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    pub(super) fn take(&self) -> Vec<SpanData> {
         std::mem::take(&mut *self.spans.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
@@ -158,14 +167,15 @@ impl Factory {
         shared: &Arc<Shared>,
     ) -> Result<Entry, OtlpError> {
         let in_processor = Arc::new(AtomicUsize::new(0));
+        let retry = Arc::new(RetryBuffer {
+            spans: Mutex::new(Vec::new()),
+            capacity: self.queue_size,
+        });
         let mut exporter = CountingExporter {
             inner: self.exporter()?,
             in_processor: Arc::clone(&in_processor),
             shared: Arc::clone(shared),
-            retry: Arc::new(RetryBuffer {
-                spans: Mutex::new(Vec::new()),
-                capacity: self.queue_size,
-            }),
+            retry: Arc::clone(&retry),
         };
         // Set on the exporter before the processor thread exists, so no batch can go out
         // with the empty default resource.
@@ -176,6 +186,7 @@ impl Factory {
         Ok(Entry {
             processor,
             in_processor,
+            retry,
             last_used: Instant::now(),
         })
     }
@@ -187,5 +198,7 @@ pub(super) struct Entry {
     pub(super) processor: BatchSpanProcessor,
     /// Spans handed to the processor and not yet passed on to the exporter.
     pub(super) in_processor: Arc<AtomicUsize>,
+    /// Spans of its failed exports waiting for the next one.
+    pub(super) retry: Arc<RetryBuffer>,
     pub(super) last_used: Instant,
 }

@@ -257,3 +257,68 @@ fn rate_limit_lets_one_through_per_interval() {
     assert_eq!(limit.check(), Some(0));
     assert_eq!(limit.check(), Some(0));
 }
+
+/// Spans of exports that failed while the backend was down reach it once it is back, even
+/// when the resource makes no new span to carry them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_spans_are_sent_without_new_traffic() {
+    use crate::export::tests::{resource, span, start_grpc, wait_for};
+
+    // A port nobody listens on yet.
+    let addr = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let factory = Factory {
+        target: Target {
+            protocol: OtlpProtocol::Grpc,
+            endpoint: Some(format!("http://{addr}")),
+        },
+        queue_size: 16,
+    };
+    let shared = Arc::new(Shared::new());
+    let mut d = Dispatcher::new(factory, Arc::clone(&shared), Limits::DEFAULT);
+    let a = resource("a", 1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The first failing batch is lost (a healthy pipeline does not copy its batches)...
+    d.handle(span(1, &a));
+    while !shared.is_failing() {
+        assert!(Instant::now() < deadline, "the export never failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ... the next ones are kept.
+    d.handle(span(2, &a));
+    d.handle(span(3, &a));
+    while d.entries[&*a].retry.len() < 2 {
+        assert!(Instant::now() < deadline, "spans 2 and 3 never held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The backend comes back; no new span is made.
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+    let mut rx = start_grpc(listener).await;
+    let seen = loop {
+        d.requeue_held();
+        let seen = wait_for(&mut rx, &[2, 3], Duration::from_secs(3)).await;
+        if seen.len() == 2 {
+            break seen;
+        }
+        assert!(Instant::now() < deadline, "held spans never delivered");
+    };
+    assert_eq!(seen[&2].resource["service.name"], "a");
+    // Counted once the export call returns, a moment after the receiver has them.
+    while shared.sent.load(Ordering::Relaxed) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "delivered spans never counted as sent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(shared.sent.load(Ordering::Relaxed), 2);
+    assert_eq!(d.entries[&*a].retry.len(), 0);
+    let entries: Vec<Entry> = d.entries.drain().map(|(_, e)| e).collect();
+    tokio::task::block_in_place(|| {
+        shutdown_all(entries, Instant::now() + Duration::from_secs(5));
+    });
+}
