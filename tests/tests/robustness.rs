@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use common::*;
 use difytrace_tests::agent::Agent;
-use difytrace_tests::agentstats::{counter, last_stats, memory_kib};
+use difytrace_tests::agentstats::{counter, cpu_seconds, last_stats, memory_kib};
 use difytrace_tests::bpfmaps::{self, MapInfo};
 use difytrace_tests::otlp_receiver::{OtlpReceiver, ReceivedSpan, summarize};
 use difytrace_tests::procs::{http_get, pid_alive};
@@ -717,4 +717,44 @@ fn hundred_thousand_idle_connections_keep_the_agent_bounded() -> Result<()> {
     let _ = client.kill();
     let _ = client.wait();
     result
+}
+
+/// An agent with nothing to trace sits idle: no thread spins. Regression for the container
+/// watcher, whose inotify wait stopped blocking when it had no filter and no runtime to ask
+/// and burned a whole core. A spinning thread uses about one CPU-second per second; an idle
+/// agent a few hundredths. Not a benchmark: the bound is twenty times the idle figure.
+#[test]
+fn idle_agent_uses_no_cpu() -> Result<()> {
+    let Some(_e2e) = difytrace_tests::e2e("idle_agent_uses_no_cpu") else {
+        return Ok(());
+    };
+    const WINDOW: Duration = Duration::from_secs(6);
+    const MAX_CPU_SECONDS: f64 = 1.5;
+    let cases: [&[&str]; 2] = [
+        &["--comm", "dt-idle-none"],
+        &[
+            "--comm",
+            "dt-idle-none",
+            "--container",
+            "dt-idle-no-such-container",
+        ],
+    ];
+    let mut report = Vec::new();
+    for args in cases {
+        let agent = Agent::start(args)?;
+        // Past the start-up work (loading programs, the first walks).
+        std::thread::sleep(Duration::from_secs(2));
+        let before = cpu_seconds(agent.pid())?;
+        std::thread::sleep(WINDOW);
+        let used = cpu_seconds(agent.pid())? - before;
+        let logs = agent.logs(40);
+        agent.stop()?;
+        report.push(format!("{args:?}: {used:.2} CPU-s in {WINDOW:?}"));
+        ensure!(
+            used < MAX_CPU_SECONDS,
+            "idle agent {args:?} used {used:.2} CPU-s in {WINDOW:?} (a thread spins?)\n{logs}"
+        );
+    }
+    eprintln!("idle agent CPU: {}", report.join("; "));
+    Ok(())
 }

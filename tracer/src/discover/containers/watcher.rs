@@ -189,6 +189,9 @@ impl Watcher {
             || self.cri.iter().any(CriApi::present);
         if !self.filter.is_active() && !names_to_learn {
             // Nothing to enforce and nobody to ask: ids come from /proc/<pid>/cgroup alone.
+            // The fresh watches' children are of no interest either: without this the next
+            // wait would not block (a spinning thread, a whole core).
+            self.new_watches = 0;
             return update;
         }
         let (dirs, truncated) = self.fs.walk();
