@@ -71,11 +71,22 @@ impl Target {
 
     /// The section of a run: saturation and fixed-rate tables (one per rate) are kept side
     /// by side.
-    fn section(self, rate: Option<u32>) -> String {
-        match rate {
+    fn section(self, rate: Option<u32>, agent_args: &[String]) -> String {
+        let mut id = match rate {
             None => self.section_id().to_string(),
             Some(rate) => format!("{}-rate-{rate}", self.section_id()),
+        };
+        if !agent_args.is_empty() {
+            // `--no-go` → `-agent-no-go`: a section of its own beside the default one.
+            let args: String = agent_args
+                .join("-")
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            id.push_str("-agent-");
+            id.push_str(args.trim_matches('-'));
         }
+        id
     }
 
     fn comms(self) -> &'static [&'static str] {
@@ -121,6 +132,9 @@ pub struct Options {
     /// Baseline only: no agent rounds, no build, no root needed, docs left alone.
     pub off_only: bool,
     pub write_docs: bool,
+    /// Extra agent arguments (`--agent-arg`, e.g. `--no-go`); results go to their own docs
+    /// sections.
+    pub agent_args: Vec<String>,
     /// The command line as typed, recorded next to the numbers.
     pub command_line: String,
 }
@@ -137,6 +151,7 @@ impl Default for Options {
             rate: None,
             off_only: false,
             write_docs: true,
+            agent_args: Vec::new(),
             command_line: "cargo xtask bench".to_string(),
         }
     }
@@ -245,7 +260,11 @@ fn bench_target(opts: &Options, target: Target, agent: Option<&Path>, dir: &Path
             &notes,
         );
         let path = workspace_root().join(DOCS_FILE);
-        write_section(&path, &target.section(opts.rate), &section)?;
+        write_section(
+            &path,
+            &target.section(opts.rate, &opts.agent_args),
+            &section,
+        )?;
         say!("wrote the results into {}", path.display());
     }
     drop(service);
@@ -816,6 +835,7 @@ fn run_agent_round(
     for comm in target.comms() {
         cmd.args(["--comm", comm]);
     }
+    cmd.args(&opts.agent_args);
     cmd.arg("--ready-file")
         .arg(&ready)
         .args(["--stats-interval", "1"])
@@ -1266,13 +1286,17 @@ fn render_section(
         .unwrap_or_else(|| "?".to_string());
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load = load.unwrap_or("?");
-    let section_id = target.section(opts.rate);
+    let section_id = target.section(opts.rate, &opts.agent_args);
     let comms: Vec<String> = target
         .comms()
         .iter()
         .map(|c| format!("--comm {c}"))
         .collect();
-    let comms = comms.join(" ");
+    let mut comms = comms.join(" ");
+    for arg in &opts.agent_args {
+        comms.push(' ');
+        comms.push_str(arg);
+    }
     let load_command = load_command(opts, &service.workload);
     let commit = crate::util::probe(command("git").current_dir(workspace_root()).args([
         "rev-parse",
@@ -1289,12 +1313,16 @@ fn render_section(
     );
     match opts.rate {
         None => {
-            let _ = writeln!(s, "## {}\n", service.title);
+            let _ = write!(s, "## {}", service.title);
         }
         Some(rate) => {
-            let _ = writeln!(s, "## {}, at a fixed {rate} req/s\n", service.title);
+            let _ = write!(s, "## {}, at a fixed {rate} req/s", service.title);
         }
     }
+    if !opts.agent_args.is_empty() {
+        let _ = write!(s, ", agent with `{}`", opts.agent_args.join(" "));
+    }
+    s.push_str("\n\n");
     let _ = writeln!(s, "- command: `{}`", opts.command_line);
     let _ = writeln!(s, "- date: {} UTC; agent at commit {commit}", utc_now());
     let _ = writeln!(
@@ -1501,10 +1529,19 @@ Transfer/sec:    675.98KB
 
     #[test]
     fn sections_per_target_and_rate() {
-        assert_eq!(Target::parse("grpc").unwrap().section(None), "grpc-go-echo");
         assert_eq!(
-            Target::parse("go").unwrap().section(Some(500)),
+            Target::parse("grpc").unwrap().section(None, &[]),
+            "grpc-go-echo"
+        );
+        assert_eq!(
+            Target::parse("go").unwrap().section(Some(500), &[]),
             "go-gin-tool-rate-500"
+        );
+        assert_eq!(
+            Target::parse("go")
+                .unwrap()
+                .section(None, &["--no-go".to_string()]),
+            "go-gin-tool-agent-no-go"
         );
         assert!(Target::parse("grpcx").is_err());
     }
