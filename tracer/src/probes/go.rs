@@ -57,7 +57,7 @@ pub const HOOKS: [Hook; 10] = [
     Hook {
         function: "google.golang.org/grpc.(*Server).handleStream",
         entry: "go_grpc_server_enter",
-        ret: Some(Return::Rets("go_grpc_server_ret")),
+        ret: Some(Return::HandlerRets("go_grpc_server_ret")),
         needs: &[
             Field::GrpcServerStreamStream,
             Field::GrpcStreamMethod,
@@ -150,8 +150,9 @@ pub enum Return {
     /// program, a second trap that costs about ten microseconds of the traced thread on the
     /// VMs measured (docs/benchmarks.md).
     Rets(&'static str),
-    /// Like `Rets`, but only with `--go-handler-returns`: what it adds (the handler's own
-    /// duration; for gin, a route that the next syscall reports anyway) is not worth its
+    /// Like `Rets`, but only with `--go-handler-returns`: what it adds (net/http's handler
+    /// duration; gin's route, which the next syscall reports anyway; grpc-go's handler end,
+    /// which its status write on the same goroutine gives a moment earlier) is not worth its
     /// cost on every request by default.
     HandlerRets(&'static str),
     /// A uretprobe at the entry probe, for a function that runs on the system stack (g0's,

@@ -51,6 +51,10 @@ pub struct Goroutines {
     handlers: HashMap<(u32, u64), RunningHandler>,
     /// Server span id -> how long its handler ran.
     handler_durations: HashMap<[u8; 8], u64>,
+    /// (tgid, goroutine) -> a route reported before the handler's request was complete on
+    /// the wire (the syscall reporting it is the one reading the body's last bytes); it goes
+    /// to the request once that becomes active on the goroutine.
+    early_routes: HashMap<(u32, u64), String>,
     pub counters: GoroutineCounters,
 }
 
@@ -125,12 +129,23 @@ impl Goroutines {
         self.routes.insert(span_id, route);
     }
 
+    /// Goroutine `g` reported its handler's route while no request was active on it yet.
+    pub fn early_route(&mut self, tgid: u32, g: u64, route: String) {
+        if self.early_routes.len() >= MAX_ROUTES {
+            self.counters.evicted += self.early_routes.len() as u64;
+            self.early_routes.clear();
+        }
+        self.early_routes.insert((tgid, g), route);
+    }
+
     pub fn take_route(&mut self, span_id: &[u8; 8]) -> Option<String> {
         self.routes.remove(span_id)
     }
 
     /// The handler of span `span_id` (None: not known yet) started on goroutine `g`.
     pub fn handler_started(&mut self, tgid: u32, g: u64, span_id: Option<[u8; 8]>, ts_ns: u64) {
+        // A route left from an earlier handler on this goroutine is not this one's.
+        self.early_routes.remove(&(tgid, g));
         if self.handlers.len() >= MAX_ROUTES {
             self.counters.evicted += self.handlers.len() as u64;
             self.handlers.clear();
@@ -148,6 +163,9 @@ impl Goroutines {
             && span.is_none()
         {
             *span = Some(span_id);
+        }
+        if let Some(route) = self.early_routes.remove(&(tgid, g)) {
+            self.set_route(span_id, route);
         }
     }
 
@@ -172,6 +190,7 @@ impl Goroutines {
         self.parents.retain(|(t, _), _| *t != tgid);
         self.client_owner.retain(|(t, _), _| *t != tgid);
         self.handlers.retain(|(t, _), _| *t != tgid);
+        self.early_routes.retain(|(t, _), _| *t != tgid);
     }
 
     pub fn len(&self) -> usize {
@@ -180,6 +199,7 @@ impl Goroutines {
             + self.routes.len()
             + self.handlers.len()
             + self.handler_durations.len()
+            + self.early_routes.len()
     }
 
     pub fn is_empty(&self) -> bool {

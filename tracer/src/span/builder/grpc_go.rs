@@ -74,14 +74,17 @@ pub enum GrpcFact {
         method: Option<String>,
         ts_ns: u64,
     },
-    /// The handler on `g` returned.
+    /// The handler on `g` returned (a RET probe, only with `--go-handler-returns`).
     ServerEnd { tgid: u32, g: u64, ts_ns: u64 },
-    /// The server wrote status `code` for the stream.
+    /// The server wrote status `code` for the stream, on goroutine `g`: grpc-go does so on
+    /// the handler's goroutine once the handler returned, so this also ends the handler.
     ServerStatus {
         tgid: u32,
+        g: u64,
         fd: i32,
         stream_id: u32,
         code: u32,
+        ts_ns: u64,
     },
     /// Goroutine `g` entered NewStream on client connection `fd`.
     ClientOpen { tgid: u32, g: u64, fd: i32 },
@@ -131,9 +134,11 @@ impl GrpcFact {
             go_op::GRPC_SERVER_END => GrpcFact::ServerEnd { tgid, g, ts_ns },
             go_op::GRPC_SERVER_STATUS => GrpcFact::ServerStatus {
                 tgid,
+                g,
                 fd: value,
                 stream_id: low,
                 code: high,
+                ts_ns,
             },
             go_op::GRPC_CLIENT_OPEN => GrpcFact::ClientOpen { tgid, g, fd: value },
             go_op::GRPC_CLIENT_STREAM => GrpcFact::ClientStream {
@@ -399,24 +404,24 @@ impl SpanBuilder {
                 ts_ns,
             } => self.grpc_server_start(tgid, g, fd, stream_id, method, ts_ns),
             GrpcFact::ServerEnd { tgid, g, ts_ns } => {
-                let Some((fd, stream_id)) = self.grpc.handlers.remove(&(tgid, g)) else {
-                    return;
-                };
-                self.goroutines.handler_ended(tgid, g, ts_ns);
-                // The goroutine may run something else now: it no longer serves the stream.
-                if let Some((key, _)) = self.grpc.conn_of(tgid, fd)
-                    && let Some(p) = self.pending_h2.get(&(key, stream_id))
-                {
-                    deactivate(&mut self.active, tgid, goroutine_ctx(g), p.ids.span_id);
+                if let Some(&(fd, stream_id)) = self.grpc.handlers.get(&(tgid, g)) {
+                    self.grpc_handler_done(tgid, g, fd, stream_id, ts_ns);
                 }
             }
             GrpcFact::ServerStatus {
                 tgid,
+                g,
                 fd,
                 stream_id,
                 code,
+                ts_ns,
+            } => {
+                self.grpc_status(tgid, fd, stream_id, code);
+                if self.grpc.handlers.get(&(tgid, g)) == Some(&(fd, stream_id)) {
+                    self.grpc_handler_done(tgid, g, fd, stream_id, ts_ns);
+                }
             }
-            | GrpcFact::ClientStatus {
+            GrpcFact::ClientStatus {
                 tgid,
                 fd,
                 stream_id,
@@ -523,6 +528,18 @@ impl SpanBuilder {
         let call = self.grpc.call_mut(tgid, fd, stream_id);
         call.g = Some(g);
         call.method = method;
+    }
+
+    /// The handler of stream `stream_id` on `g` is done: its duration is known, and the
+    /// goroutine may run something else now, so it no longer serves the stream.
+    fn grpc_handler_done(&mut self, tgid: u32, g: u64, fd: i32, stream_id: u32, ts_ns: u64) {
+        self.grpc.handlers.remove(&(tgid, g));
+        self.goroutines.handler_ended(tgid, g, ts_ns);
+        if let Some((key, _)) = self.grpc.conn_of(tgid, fd)
+            && let Some(p) = self.pending_h2.get(&(key, stream_id))
+        {
+            deactivate(&mut self.active, tgid, goroutine_ctx(g), p.ids.span_id);
+        }
     }
 
     fn grpc_status(&mut self, tgid: u32, fd: i32, stream_id: u32, code: u32) {
@@ -1014,16 +1031,20 @@ mod tests {
             Some("/b.T/N"),
         );
         w.end(CLIENT, Role::Client, stream(1, Some("/b.T/N"), Some(0)));
+        // The status, written on the handler's goroutine, ends the handler; a RET probe's
+        // end after it (with --go-handler-returns) changes nothing.
         w.fact(GrpcFact::ServerStatus {
             tgid: 10,
+            g: 0x100,
             fd: SERVER.fd,
             stream_id: 1,
             code: 0,
+            ts_ns: 350,
         });
         w.fact(GrpcFact::ServerEnd {
             tgid: 10,
             g: 0x100,
-            ts_ns: 350,
+            ts_ns: 400,
         });
         w.end(SERVER, Role::Server, stream(1, Some("/a.S/M"), Some(0)));
         let server = w.span(SpanKind::Server, "a.S/M");
@@ -1083,9 +1104,11 @@ mod tests {
         w.start(0x100, 1, "/a.S/M");
         w.fact(GrpcFact::ServerStatus {
             tgid: 10,
+            g: 0x100,
             fd: SERVER.fd,
             stream_id: 1,
             code: 5,
+            ts_ns: 300,
         });
         w.end(SERVER, Role::Server, stream(1, None, None));
         let s = w.span(SpanKind::Server, "a.S/M");
@@ -1115,9 +1138,11 @@ mod tests {
         w.start(0x200, 3, "/a.S/M");
         w.fact(GrpcFact::ServerStatus {
             tgid: 10,
+            g: 0x200,
             fd: SERVER.fd,
             stream_id: 3,
             code: 13,
+            ts_ns: 300,
         });
         w.end(SERVER, Role::Server, stream(3, Some("/a.S/X"), Some(0)));
         let s = w.span(SpanKind::Server, "a.S/X");
@@ -1242,15 +1267,17 @@ mod tests {
             9,
             "",
             false,
-            0,
+            42,
         );
         assert_eq!(
             f,
             Some(GrpcFact::ServerStatus {
                 tgid: 1,
+                g: 2,
                 fd: 9,
                 stream_id: 7,
-                code: 5
+                code: 5,
+                ts_ns: 42,
             })
         );
         // A cut-off method is never used.

@@ -584,6 +584,8 @@ impl SpanBuilder {
                     .and_then(|stack| stack.last())
                 {
                     self.goroutines.set_route(ids.span_id, route);
+                } else {
+                    self.goroutines.early_route(tgid, g, route);
                 }
             }
             GoFact::HandlerStart {
@@ -1302,6 +1304,59 @@ mod tests {
         }
         assert_eq!(w.builder.goroutines.counters.client_owned, 2);
         assert_eq!(w.builder.goroutines.counters.handler_starts, 2);
+    }
+
+    /// gin's route is reported at the handler goroutine's next data syscall, which may be
+    /// the read of the request body's last bytes: the route comes before the request is
+    /// complete (active) on the goroutine and still lands on its span; a route left by an
+    /// earlier handler on the goroutine does not.
+    #[test]
+    fn go_route_reported_before_the_request_is_complete() {
+        let g = goroutine_ctx;
+        let mut w = World::new();
+        w.open(SERVER, Role::Server);
+        // A stale route of an earlier handler on the goroutine, then the new handler.
+        w.builder.on_go(GoFact::Route {
+            tgid: 10,
+            g: 0x100,
+            route: "/stale".into(),
+        });
+        w.io(
+            SERVER,
+            g(0x100),
+            true,
+            b"POST /plugin/t/dispatch/tool/invoke HTTP/1.1\r\nContent-Length: 4\r\n\r\nab",
+        );
+        w.builder.on_go(GoFact::HandlerStart {
+            tgid: 10,
+            g: 0x100,
+            method: "POST".into(),
+            path: "/plugin/t/dispatch/tool/invoke".into(),
+            ts_ns: 5_000,
+        });
+        w.builder.on_go(GoFact::Route {
+            tgid: 10,
+            g: 0x100,
+            route: "/plugin/:tenant_id/dispatch/tool/invoke".into(),
+        });
+        w.io(SERVER, g(0x100), true, b"cd");
+        w.io(
+            SERVER,
+            g(0x100),
+            false,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        let server = w
+            .spans
+            .iter()
+            .find(|s| s.kind == SpanKind::Server)
+            .expect("server span");
+        assert_eq!(
+            server.attr("http.route"),
+            Some(&AttrValue::Str(
+                "/plugin/:tenant_id/dispatch/tool/invoke".into()
+            ))
+        );
     }
 
     /// A request read entirely by another goroutine than the one whose handler serves it
