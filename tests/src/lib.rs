@@ -19,6 +19,7 @@
 pub mod agent;
 pub mod agentstats;
 pub mod bpfmaps;
+pub mod cgroups;
 pub mod cri;
 pub mod difystack;
 pub mod docker;

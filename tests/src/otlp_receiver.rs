@@ -358,6 +358,31 @@ pub fn flatten(req: &ExportTraceServiceRequest, transport: Transport) -> Vec<Rec
     out
 }
 
+/// The spans whose `url.path` starts with `prefix`.
+pub fn paths_with(spans: &[ReceivedSpan], prefix: &str) -> Vec<ReceivedSpan> {
+    spans
+        .iter()
+        .filter(|s| {
+            s.attr_str("url.path")
+                .is_some_and(|p| p.starts_with(prefix))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Fails naming the first resource attribute of `span` that is not as `want`s it.
+pub fn ensure_resource(span: &ReceivedSpan, want: &[(&str, &str)]) -> anyhow::Result<()> {
+    for (key, value) in want {
+        anyhow::ensure!(
+            span.res_str(key).as_deref() == Some(*value),
+            "{key} of {}: {:?}, want {value}",
+            span.summary(),
+            span.res_str(key)
+        );
+    }
+    Ok(())
+}
+
 /// One line per span, at most the last `max`.
 pub fn summarize(spans: &[ReceivedSpan], max: usize) -> String {
     let skip = spans.len().saturating_sub(max);

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use common::*;
 use difytrace_tests::{
+    cgroups::{OwnCgroup, cgroup2_root},
     docker::{Dockerd, IMAGE_PYTHONPATH, Unavailable},
     otlp_receiver::{OtlpReceiver, ReceivedSpan},
     procs::{Proc, free_port, http_get, local},
@@ -653,7 +654,7 @@ fn agent_image_builds_without_a_registry_and_traces_as_the_daemonset() -> Result
     // once, with no more than the four capabilities.
     let cg_root = cgroup2_root().context("no cgroup2 mount")?;
     let parent_name = format!("difytrace-img-{tag}");
-    let parent = OwnCgroup::create(&cg_root.join(&parent_name))?;
+    let parent = OwnCgroup::create(&cg_root, &parent_name)?;
     let rx = OtlpReceiver::start()?;
     let mut args = vec!["/usr/local/bin/tracer".to_string()];
     let selection = format!("--cgroup=/{parent_name}");
@@ -674,7 +675,7 @@ fn agent_image_builds_without_a_registry_and_traces_as_the_daemonset() -> Result
         &format!("difytrace-agent2-{tag}"),
         &format!("/difytrace-agent2-{tag}"),
     )?;
-    let child = OwnCgroup::create(&parent.dir.join("job"))?;
+    let child = OwnCgroup::create(&parent.dir, "job")?;
     let port = free_port();
     let serve = format!(
         "echo $$ > {}/cgroup.procs && exec {} -m http.server --bind 127.0.0.1 {port}",
@@ -745,45 +746,4 @@ fn agent_image_builds_without_a_registry_and_traces_as_the_daemonset() -> Result
     drop(child);
     drop(parent);
     Ok(())
-}
-
-/// The cgroup2 mount point (pure v2: /sys/fs/cgroup; hybrid: /sys/fs/cgroup/unified).
-fn cgroup2_root() -> Option<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|line| {
-        let (before, after) = line.split_once(" - ")?;
-        if after.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        before.split_whitespace().nth(4).map(PathBuf::from)
-    })
-}
-
-/// A cgroup of the test's own, emptied and removed on drop.
-struct OwnCgroup {
-    dir: PathBuf,
-}
-
-impl OwnCgroup {
-    fn create(dir: &Path) -> Result<OwnCgroup> {
-        std::fs::create_dir(dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
-        Ok(OwnCgroup { dir: dir.into() })
-    }
-}
-
-impl Drop for OwnCgroup {
-    fn drop(&mut self) {
-        let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            // SAFETY: plain kill(2) of processes this test put there.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("could not remove cgroup {}", self.dir.display());
-    }
 }

@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,10 @@ use anyhow::{Context, Result, ensure};
 use common::*;
 use difytrace_tests::{
     agent::Agent,
+    cgroups::{OwnCgroup, cgroup2_root},
     docker::{Dockerd, IMAGE_PYTHONPATH, Unavailable},
     goapp::{self, GoApp, GoTool},
-    otlp_receiver::{OtlpReceiver, ReceivedSpan, summarize},
+    otlp_receiver::{OtlpReceiver, ReceivedSpan, ensure_resource, paths_with, summarize},
     procs::{Proc, free_port, http_get, local, wait_port, wait_port_of},
     python::python,
 };
@@ -104,17 +105,6 @@ fn only_selected_traced(
         summarize(&from_other, 10)
     );
     Ok(spans)
-}
-
-fn paths_with(spans: &[ReceivedSpan], prefix: &str) -> Vec<ReceivedSpan> {
-    spans
-        .iter()
-        .filter(|s| {
-            s.attr_str("url.path")
-                .is_some_and(|p| p.starts_with(prefix))
-        })
-        .cloned()
-        .collect()
 }
 
 #[test]
@@ -529,64 +519,10 @@ fn kubernetes_filter_by_namespace_and_label_from_the_api_server() -> Result<()> 
             ("container.id", id_a.as_str()),
             ("container.name", name_a.as_str()),
         ];
-        for (key, value) in want {
-            ensure!(
-                span.res_str(key).as_deref() == Some(value),
-                "{key} of {}: {:?}, want {value}",
-                span.summary(),
-                span.res_str(key)
-            );
-        }
+        ensure_resource(&span, &want)?;
     }
     drop(api);
     Ok(())
-}
-
-/// The cgroup2 mount point (pure v2: /sys/fs/cgroup; hybrid: /sys/fs/cgroup/unified).
-fn cgroup2_root() -> Option<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|line| {
-        let (before, after) = line.split_once(" - ")?;
-        if after.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        before.split_whitespace().nth(4).map(PathBuf::from)
-    })
-}
-
-/// A cgroup of our own, removed on drop (after its processes are gone).
-struct OwnCgroup {
-    dir: PathBuf,
-}
-
-impl OwnCgroup {
-    fn create(root: &Path, name: &str) -> Result<OwnCgroup> {
-        let dir = root.join(name);
-        std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
-        Ok(OwnCgroup { dir })
-    }
-
-    fn procs(&self) -> Vec<u32> {
-        std::fs::read_to_string(self.dir.join("cgroup.procs"))
-            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for OwnCgroup {
-    fn drop(&mut self) {
-        for pid in self.procs() {
-            // SAFETY: plain kill(2) of processes this test put there.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("could not remove cgroup {}", self.dir.display());
-    }
 }
 
 /// `python -m http.server` on `port`; inside `cgroup` (and new pid + mount namespaces via
@@ -791,14 +727,7 @@ fn kubernetes_filter_from_the_kubelet_with_ca_and_self_signed_certificates() -> 
             ("k8s.node.name", "node-1"),
             ("container.id", id_a.as_str()),
         ];
-        for (key, value) in want {
-            ensure!(
-                span.res_str(key).as_deref() == Some(value),
-                "{key} of {}: {:?}, want {value}",
-                span.summary(),
-                span.res_str(key)
-            );
-        }
+        ensure_resource(&span, &want)?;
     }
     drop(agent);
     drop(kubelet);

@@ -17,7 +17,7 @@ use difytrace_tests::{
     agent::Agent,
     cri::{self, Containerd, PodSpec},
     docker::{Dockerd, IMAGE_PYTHONPATH, Unavailable},
-    otlp_receiver::{OtlpReceiver, ReceivedSpan, summarize},
+    otlp_receiver::{OtlpReceiver, ReceivedSpan, ensure_resource, paths_with, summarize},
     procs::{free_port, http_get, local, wait_port},
 };
 
@@ -106,17 +106,6 @@ fn run_app_pod(
     Ok((sandbox, id))
 }
 
-fn paths_with(spans: &[ReceivedSpan], prefix: &str) -> Vec<ReceivedSpan> {
-    spans
-        .iter()
-        .filter(|s| {
-            s.attr_str("url.path")
-                .is_some_and(|p| p.starts_with(prefix))
-        })
-        .cloned()
-        .collect()
-}
-
 /// Requests to both servers until the selected one's spans come; fails if the other one's
 /// did; the selected one's spans.
 fn only_selected_traced(
@@ -149,18 +138,6 @@ fn only_selected_traced(
         summarize(&from_other, 10)
     );
     Ok(paths_with(&spans, selected.1))
-}
-
-fn check_resource(span: &ReceivedSpan, want: &[(&str, &str)]) -> Result<()> {
-    for (key, value) in want {
-        ensure!(
-            span.res_str(key).as_deref() == Some(*value),
-            "{key} of {}: {:?}, want {value}",
-            span.summary(),
-            span.res_str(key)
-        );
-    }
-    Ok(())
 }
 
 #[test]
@@ -249,7 +226,7 @@ fn container_and_pod_selection_from_containerd_cri() -> Result<()> {
         agent.logs(80)
     );
     for span in &spans {
-        check_resource(
+        ensure_resource(
             span,
             &[
                 ("container.id", id_a.as_str()),
@@ -285,7 +262,7 @@ fn container_and_pod_selection_from_containerd_cri() -> Result<()> {
     let a2 = format!("/cra2-{tag}/");
     let spans = only_selected_traced(&rx, &agent, (port_b, &b2), (port_a, &a2))?;
     for span in &spans {
-        check_resource(
+        ensure_resource(
             span,
             &[
                 ("container.id", id_b.as_str()),
