@@ -41,7 +41,7 @@ COMMANDS:
         This is what CI runs. TEST ARGS go to the test binaries (a name filter, say).
     bench [--duration SECS] [--rounds N] [--connections C] [--threads T]
           [--warmup SECS] [--targets gunicorn,gevent,go,grpc] [--rate R] [--off-only] [--no-docs]
-          [--agent-arg ARG]...
+          [--agent-arg ARG]... [--otlp]
         Load each target (gunicorn/Flask sync workers; the same on gevent workers; the Go
         gin service of tests/fixtures/godaemon calling a Go tool service; the grpc-go echo
         server of tests/fixtures/grpc, loaded by tests/fixtures/grpcload) with wrk,
@@ -51,7 +51,9 @@ COMMANDS:
         tests/fixtures/grpcload for every target (latency from each request's due time).
         --off-only runs the baseline alone (no agent, no root, docs untouched).
         --agent-arg ARG (repeatable) passes ARG to the agent, e.g. --agent-arg=--no-go; the
-        results get docs sections of their own.
+        results get docs sections of their own. --otlp: the agent exports over OTLP
+        (http/protobuf) to a stand-in backend on 127.0.0.1 instead of printing console spans
+        (own docs sections too).
     fuzz [--seconds N]
         Run every parser's fuzz target (tracer/fuzz: http1, http2, stdio, gobin) for N seconds
         each (default 60) with cargo-fuzz on the pinned nightly; installs cargo-fuzz when
@@ -209,6 +211,7 @@ fn parse_bench_args(args: &[String]) -> Result<bench::Options> {
             "--off-only" => opts.off_only = true,
             "--no-docs" => opts.write_docs = false,
             "--agent-arg" => opts.agent_args.push(value()?),
+            "--otlp" => opts.otlp = true,
             other => bail!("bench: unknown option {other:?} (see cargo xtask help)"),
         }
     }
