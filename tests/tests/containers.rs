@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -431,56 +431,41 @@ fn kubernetes_filter_by_namespace_and_label_from_the_api_server() -> Result<()> 
     let Some(_e2e) = difytrace_tests::e2e(test) else {
         return Ok(());
     };
-    let Some(mut dk) = dockerd_or_skip(test) else {
+    let Some(dk) = dockerd_or_skip(test) else {
         return Ok(());
     };
-    dk.build_python_image(IMAGE, APP, &[])?;
-    let tag = random_hex(8);
-    let (name_a, name_b) = (format!("dt-ka-{tag}"), format!("dt-kb-{tag}"));
-    let (port_a, port_b) = (free_port(), free_port());
-    let id_a = run_app(&mut dk, &name_a, port_a)?;
-    let id_b = run_app(&mut dk, &name_b, port_b)?;
-    wait_serving(&dk, &name_a, port_a)?;
-    wait_serving(&dk, &name_b, port_b)?;
-
-    let dir = difytrace_tests::TempDir::new("kube-api")?;
-    make_certs(dir.path())?;
-    let sa = dir.join("serviceaccount");
-    std::fs::create_dir_all(&sa)?;
-    std::fs::copy(dir.join("ca.crt"), sa.join("ca.crt"))?;
-    let token = format!("token-{tag}");
-    std::fs::write(sa.join("token"), format!("{token}\n"))?;
     // Same namespace, different labels: only the label tells them apart.
     let uid_a = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
-    let pods = format!(
-        r#"{{"kind":"PodList","apiVersion":"v1","items":[{},{}]}}"#,
-        pod_json("api-0", "dify", uid_a, "api", &id_a),
-        pod_json(
-            "web-0",
-            "dify",
-            "1f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
-            "web",
-            &id_b
-        )
-    );
-    std::fs::write(dir.join("pods.json"), pods)?;
-    std::fs::write(dir.join("fake_api.py"), FAKE_API_SERVER)?;
-    let api_port = free_port();
-    let mut cmd = Command::new(python());
-    cmd.arg(dir.join("fake_api.py"))
-        .arg(api_port.to_string())
-        .arg(dir.join("srv.crt"))
-        .arg(dir.join("srv.key"))
-        .arg(&token)
-        .arg(dir.join("pods.json"))
-        .arg("/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1");
-    let mut api = Proc::spawn("fake-api", cmd, dir.path())?;
-    wait_port_of(&mut api, local(api_port), Duration::from_secs(30))?;
+    let pods = TwoPods::start(
+        dk,
+        "k",
+        "kube-api",
+        [uid_a, "1f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"],
+    )?;
+    let TwoPods {
+        ref dk,
+        ref tag,
+        ref name_a,
+        port_a,
+        port_b,
+        ref id_a,
+        ref dir,
+        ref token,
+        ..
+    } = pods;
+    let (api, api_port) = fake_pod_server(
+        dir.path(),
+        "fake-api",
+        "srv.crt",
+        "srv.key",
+        token,
+        "/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1",
+    )?;
 
     let rx = OtlpReceiver::start()?;
     let socket = dk.socket().to_string_lossy().into_owned();
     // The agent's environment as a DaemonSet pod would have it.
-    let sa_dir = sa.to_string_lossy().into_owned();
+    let sa_dir = pods.service_account().to_string_lossy().into_owned();
     let port_text = api_port.to_string();
     let agent = Agent::start_with_env(
         &[
@@ -605,9 +590,74 @@ fn cgroup_filter_traces_a_plain_cgroup_with_its_own_pid_namespace() -> Result<()
     Ok(())
 }
 
-/// Starts the stand-in kubelet (FAKE_API_SERVER on `/pods`) with a certificate and key of
-/// `dir`; its process and port.
-fn fake_kubelet(dir: &Path, cert: &str, key: &str, token: &str) -> Result<(Proc, u16)> {
+/// Two app containers (A and B, names `dt-{prefix}a-<tag>` / `dt-{prefix}b-<tag>`) serving
+/// on their own ports, described as pods api-0 (label app=api) and web-0 (app=web) of
+/// namespace dify on node-1 in `dir`'s pods.json, with uids `uids`; `dir` also holds the
+/// test CA's certificates, FAKE_API_SERVER, and a service-account directory with the CA and
+/// a token.
+struct TwoPods {
+    dk: Dockerd,
+    tag: String,
+    name_a: String,
+    port_a: u16,
+    port_b: u16,
+    id_a: String,
+    dir: difytrace_tests::TempDir,
+    token: String,
+}
+
+impl TwoPods {
+    fn start(mut dk: Dockerd, prefix: &str, dir_name: &str, uids: [&str; 2]) -> Result<TwoPods> {
+        dk.build_python_image(IMAGE, APP, &[])?;
+        let tag = random_hex(8);
+        let (name_a, name_b) = (format!("dt-{prefix}a-{tag}"), format!("dt-{prefix}b-{tag}"));
+        let (port_a, port_b) = (free_port(), free_port());
+        let id_a = run_app(&mut dk, &name_a, port_a)?;
+        let id_b = run_app(&mut dk, &name_b, port_b)?;
+        wait_serving(&dk, &name_a, port_a)?;
+        wait_serving(&dk, &name_b, port_b)?;
+
+        let dir = difytrace_tests::TempDir::new(dir_name)?;
+        make_certs(dir.path())?;
+        let sa = dir.join("serviceaccount");
+        std::fs::create_dir_all(&sa)?;
+        std::fs::copy(dir.join("ca.crt"), sa.join("ca.crt"))?;
+        let token = format!("token-{tag}");
+        std::fs::write(sa.join("token"), format!("{token}\n"))?;
+        let pods = format!(
+            r#"{{"kind":"PodList","apiVersion":"v1","items":[{},{}]}}"#,
+            pod_json("api-0", "dify", uids[0], "api", &id_a),
+            pod_json("web-0", "dify", uids[1], "web", &id_b)
+        );
+        std::fs::write(dir.join("pods.json"), pods)?;
+        std::fs::write(dir.join("fake_api.py"), FAKE_API_SERVER)?;
+        Ok(TwoPods {
+            dk,
+            tag,
+            name_a,
+            port_a,
+            port_b,
+            id_a,
+            dir,
+            token,
+        })
+    }
+
+    fn service_account(&self) -> PathBuf {
+        self.dir.join("serviceaccount")
+    }
+}
+
+/// Starts a stand-in pod source (FAKE_API_SERVER answering `path` with pods.json) with a
+/// certificate and key of `dir`; its process and port.
+fn fake_pod_server(
+    dir: &Path,
+    name: &'static str,
+    cert: &str,
+    key: &str,
+    token: &str,
+    path: &str,
+) -> Result<(Proc, u16)> {
     let port = free_port();
     let mut cmd = Command::new(python());
     cmd.arg(dir.join("fake_api.py"))
@@ -616,8 +666,8 @@ fn fake_kubelet(dir: &Path, cert: &str, key: &str, token: &str) -> Result<(Proc,
         .arg(dir.join(key))
         .arg(token)
         .arg(dir.join("pods.json"))
-        .arg("/pods");
-    let mut proc = Proc::spawn("fake-kubelet", cmd, dir)?;
+        .arg(path);
+    let mut proc = Proc::spawn(name, cmd, dir)?;
     wait_port_of(&mut proc, local(port), Duration::from_secs(30))?;
     Ok((proc, port))
 }
@@ -628,20 +678,22 @@ fn kubernetes_filter_from_the_kubelet_with_ca_and_self_signed_certificates() -> 
     let Some(_e2e) = difytrace_tests::e2e(test) else {
         return Ok(());
     };
-    let Some(mut dk) = dockerd_or_skip(test) else {
+    let Some(dk) = dockerd_or_skip(test) else {
         return Ok(());
     };
-    dk.build_python_image(IMAGE, APP, &[])?;
-    let tag = random_hex(8);
-    let (name_a, name_b) = (format!("dt-kla-{tag}"), format!("dt-klb-{tag}"));
-    let (port_a, port_b) = (free_port(), free_port());
-    let id_a = run_app(&mut dk, &name_a, port_a)?;
-    let id_b = run_app(&mut dk, &name_b, port_b)?;
-    wait_serving(&dk, &name_a, port_a)?;
-    wait_serving(&dk, &name_b, port_b)?;
-
-    let dir = difytrace_tests::TempDir::new("kubelet")?;
-    make_certs(dir.path())?;
+    let uid_a = "2f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    let uid_b = "3f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    let pods = TwoPods::start(dk, "kl", "kubelet", [uid_a, uid_b])?;
+    let TwoPods {
+        ref dk,
+        ref tag,
+        port_a,
+        port_b,
+        ref id_a,
+        ref dir,
+        ref token,
+        ..
+    } = pods;
     // What a kubelet serves by default: a certificate signed by nobody but itself.
     let out = Command::new("openssl")
         .args([
@@ -671,27 +723,20 @@ fn kubernetes_filter_from_the_kubelet_with_ca_and_self_signed_certificates() -> 
         "self-signed certificate: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let sa = dir.join("serviceaccount");
-    std::fs::create_dir_all(&sa)?;
-    std::fs::copy(dir.join("ca.crt"), sa.join("ca.crt"))?;
-    let token = format!("token-{tag}");
-    std::fs::write(sa.join("token"), format!("{token}\n"))?;
-    let uid_a = "2f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
-    let uid_b = "3f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
-    let pods = format!(
-        r#"{{"kind":"PodList","apiVersion":"v1","items":[{},{}]}}"#,
-        pod_json("api-0", "dify", uid_a, "api", &id_a),
-        pod_json("web-0", "dify", uid_b, "web", &id_b)
-    );
-    std::fs::write(dir.join("pods.json"), pods)?;
-    std::fs::write(dir.join("fake_api.py"), FAKE_API_SERVER)?;
     let socket = dk.socket().to_string_lossy().into_owned();
-    let sa_dir = sa.to_string_lossy().into_owned();
+    let sa_dir = pods.service_account().to_string_lossy().into_owned();
     // No KUBERNETES_SERVICE_HOST: the kubelet is the only pod source.
     let env = [("DIFYTRACE_K8S_SERVICE_ACCOUNT_DIR", sa_dir.as_str())];
 
     // 1. A kubelet whose certificate the cluster CA signed (serverTLSBootstrap): verified.
-    let (kubelet, kubelet_port) = fake_kubelet(dir.path(), "srv.crt", "srv.key", &token)?;
+    let (kubelet, kubelet_port) = fake_pod_server(
+        dir.path(),
+        "fake-kubelet",
+        "srv.crt",
+        "srv.key",
+        token,
+        "/pods",
+    )?;
     let url = format!("https://127.0.0.1:{kubelet_port}");
     let rx = OtlpReceiver::start()?;
     let agent = Agent::start_with_env(
@@ -733,7 +778,14 @@ fn kubernetes_filter_from_the_kubelet_with_ca_and_self_signed_certificates() -> 
     drop(kubelet);
 
     // 2. A kubelet with its self-signed certificate: reachable with --kubelet-insecure-tls.
-    let (kubelet, kubelet_port) = fake_kubelet(dir.path(), "self.crt", "self.key", &token)?;
+    let (kubelet, kubelet_port) = fake_pod_server(
+        dir.path(),
+        "fake-kubelet",
+        "self.crt",
+        "self.key",
+        token,
+        "/pods",
+    )?;
     let url = format!("https://127.0.0.1:{kubelet_port}");
     let rx = OtlpReceiver::start()?;
     let agent = Agent::start_with_env(
