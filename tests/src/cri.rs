@@ -495,19 +495,7 @@ impl Drop for Containerd {
             proc.stop();
         }
         // Anything left mounted under the root (rootfs, shm) would keep the temp dir busy.
-        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
-            .filter(|m| Path::new(m).starts_with(self.dir.path()))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for mount in mounts {
-            if let Ok(c) = std::ffi::CString::new(mount) {
-                // SAFETY: umount2 with a valid NUL-terminated path.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
+        crate::docker::unmount_under(self.dir.path());
         // The pod cgroups runc made in every hierarchy (empty now); their parents only when
         // nobody else uses them (rmdir fails on a busy or non-empty cgroup).
         for parent in std::mem::take(&mut self.pod_cgroups) {

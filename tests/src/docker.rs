@@ -252,6 +252,24 @@ impl Dockerd {
     }
 }
 
+/// Detaches every mount under `dir`, deepest first (what a container runtime left there
+/// would keep the directory busy).
+pub fn unmount_under(dir: &Path) {
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for mount in mounts {
+        if let Ok(c) = std::ffi::CString::new(mount) {
+            // SAFETY: umount2 with a valid NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
 impl Drop for Dockerd {
     fn drop(&mut self) {
         for name in std::mem::take(&mut self.containers) {
@@ -265,20 +283,8 @@ impl Drop for Dockerd {
             proc.stop();
         }
         // Anything dockerd left mounted under its roots (its netns file, layers) would keep
-        // the temp dir busy: detach them, deepest first.
-        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
-            .filter(|m| Path::new(m).starts_with(self.dir.path()))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for mount in mounts {
-            if let Ok(c) = std::ffi::CString::new(mount) {
-                // SAFETY: umount2 with a valid NUL-terminated path.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
+        // the temp dir busy.
+        unmount_under(self.dir.path());
         let _ = std::fs::remove_file(&self.socket);
     }
 }
