@@ -183,6 +183,17 @@ fn endpoint_precedence() {
     assert_eq!(t.endpoint.as_deref(), Some("http://cli:4318/v1/traces"));
 }
 
+/// Pipelines exporting over gRPC to `addr`, `queue_size` spans queued per resource.
+fn grpc_factory(addr: std::net::SocketAddr, queue_size: usize) -> Factory {
+    Factory {
+        target: Target {
+            protocol: OtlpProtocol::Grpc,
+            endpoint: Some(format!("http://{addr}")),
+        },
+        queue_size,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lru_eviction_idle_retirement_and_queue_bound() {
     use crate::export::tests::{resource, span, start_grpc, wait_for};
@@ -192,13 +203,7 @@ async fn lru_eviction_idle_retirement_and_queue_bound() {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let mut rx = start_grpc(listener).await;
-    let factory = Factory {
-        target: Target {
-            protocol: OtlpProtocol::Grpc,
-            endpoint: Some(format!("http://{addr}")),
-        },
-        queue_size: 16,
-    };
+    let factory = grpc_factory(addr, 16);
     let shared = Arc::new(Shared::new());
     let mut d = Dispatcher::new(
         factory,
@@ -271,13 +276,7 @@ async fn held_spans_are_sent_without_new_traffic() {
             .expect("bind");
         l.local_addr().expect("addr")
     };
-    let factory = Factory {
-        target: Target {
-            protocol: OtlpProtocol::Grpc,
-            endpoint: Some(format!("http://{addr}")),
-        },
-        queue_size: 16,
-    };
+    let factory = grpc_factory(addr, 16);
     let shared = Arc::new(Shared::new());
     let mut d = Dispatcher::new(factory, Arc::clone(&shared), Limits::DEFAULT);
     let a = resource("a", 1);
