@@ -52,6 +52,18 @@ pub fn memory_kib(pid: u32) -> Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// The `age_ms` of the agent's "cgroup selected" debug line that contains `id` (a container
+/// id, or `cgroup=<path> `): milliseconds from the cgroup's creation to its entry in the
+/// kernel filter.
+pub fn selected_age_ms(log: &str, id: &str) -> Option<f64> {
+    log.lines()
+        .filter(|l| l.contains("cgroup selected") && l.contains(id))
+        .find_map(|l| {
+            let rest = l.split("age_ms=").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+}
+
 /// User + system CPU seconds `pid` has used, from `/proc/<pid>/stat`.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");

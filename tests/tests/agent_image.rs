@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use common::*;
 use difytrace_tests::{
+    agentstats::selected_age_ms,
     cgroups::{OwnCgroup, cgroup2_root},
     docker::{Dockerd, IMAGE_PYTHONPATH, Unavailable},
     otlp_receiver::{OtlpReceiver, ReceivedSpan},
@@ -711,23 +712,12 @@ fn agent_image_builds_without_a_registry_and_traces_as_the_daemonset() -> Result
     })?;
     let log = agent.log();
     let child_path = format!("/{parent_name}/job");
-    let age = log
-        .lines()
-        .filter(|l| l.contains("cgroup selected") && l.contains(&format!("cgroup={child_path} ")))
-        .find_map(|l| {
-            l.split("age_ms=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
-        .with_context(|| {
-            format!(
-                "no 'cgroup selected' line for {child_path}\n{}",
-                log_tail(&log, 60)
-            )
-        })?;
+    let age = selected_age_ms(&log, &format!("cgroup={child_path} ")).with_context(|| {
+        format!(
+            "no 'cgroup selected' line for {child_path}\n{}",
+            log_tail(&log, 60)
+        )
+    })?;
     ensure!(
         log.contains("watching cgroup directories for new containers"),
         "no inotify watches in the container:\n{}",

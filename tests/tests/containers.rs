@@ -17,6 +17,7 @@ use anyhow::{Context, Result, ensure};
 use common::*;
 use difytrace_tests::{
     agent::Agent,
+    agentstats::selected_age_ms,
     cgroups::{OwnCgroup, cgroup2_root},
     docker::{Dockerd, IMAGE_PYTHONPATH, Unavailable},
     goapp::{self, GoApp, GoTool},
@@ -825,17 +826,6 @@ fn kubernetes_filter_from_the_kubelet_with_ca_and_self_signed_certificates() -> 
     Ok(())
 }
 
-/// The `age_ms` of the agent's "cgroup selected" log line for a cgroup path containing `id`:
-/// milliseconds from the cgroup's creation to its entry in the kernel filter.
-fn selected_age_ms(log: &str, id: &str) -> Option<f64> {
-    log.lines()
-        .filter(|l| l.contains("cgroup selected") && l.contains(id))
-        .find_map(|l| {
-            let rest = l.split("age_ms=").nth(1)?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-}
-
 #[test]
 fn container_started_after_the_agent_is_traced_from_its_first_request() -> Result<()> {
     let test = "container_started_after_the_agent_is_traced_from_its_first_request";
@@ -989,23 +979,12 @@ fn cgroup_made_after_the_agent_is_selected_within_milliseconds() -> Result<()> {
     })?;
     let child_path = format!("/{parent_name}/job");
     let log = agent.stderr();
-    let age = log
-        .lines()
-        .filter(|l| l.contains("cgroup selected") && l.contains(&format!("cgroup={child_path} ")))
-        .find_map(|l| {
-            l.split("age_ms=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
-        .with_context(|| {
-            format!(
-                "no 'cgroup selected' line for {child_path}\n{}",
-                agent.logs(60)
-            )
-        })?;
+    let age = selected_age_ms(&log, &format!("cgroup={child_path} ")).with_context(|| {
+        format!(
+            "no 'cgroup selected' line for {child_path}\n{}",
+            agent.logs(60)
+        )
+    })?;
     eprintln!(
         "{test}: cgroup {child_path} entered the kernel filter {age:.1} ms after it was made; the server accepted {} ms after it was started",
         accepting_after.as_millis()
