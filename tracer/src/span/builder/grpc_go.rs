@@ -74,10 +74,9 @@ pub enum GrpcFact {
         method: Option<String>,
         ts_ns: u64,
     },
-    /// The handler on `g` returned (a RET probe, only with `--go-handler-returns`).
+    /// The handler on `g` returned.
     ServerEnd { tgid: u32, g: u64, ts_ns: u64 },
-    /// The server wrote status `code` for the stream, on goroutine `g`: grpc-go does so on
-    /// the handler's goroutine once the handler returned, so this also ends the handler.
+    /// The server wrote status `code` for the stream, on goroutine `g`.
     ServerStatus {
         tgid: u32,
         g: u64,
@@ -410,16 +409,13 @@ impl SpanBuilder {
             }
             GrpcFact::ServerStatus {
                 tgid,
-                g,
+                g: _,
                 fd,
                 stream_id,
                 code,
-                ts_ns,
+                ts_ns: _,
             } => {
                 self.grpc_status(tgid, fd, stream_id, code);
-                if self.grpc.handlers.get(&(tgid, g)) == Some(&(fd, stream_id)) {
-                    self.grpc_handler_done(tgid, g, fd, stream_id, ts_ns);
-                }
             }
             GrpcFact::ClientStatus {
                 tgid,
@@ -1031,20 +1027,18 @@ mod tests {
             Some("/b.T/N"),
         );
         w.end(CLIENT, Role::Client, stream(1, Some("/b.T/N"), Some(0)));
-        // The status, written on the handler's goroutine, ends the handler; a RET probe's
-        // end after it (with --go-handler-returns) changes nothing.
         w.fact(GrpcFact::ServerStatus {
             tgid: 10,
             g: 0x100,
             fd: SERVER.fd,
             stream_id: 1,
             code: 0,
-            ts_ns: 350,
+            ts_ns: 300,
         });
         w.fact(GrpcFact::ServerEnd {
             tgid: 10,
             g: 0x100,
-            ts_ns: 400,
+            ts_ns: 350,
         });
         w.end(SERVER, Role::Server, stream(1, Some("/a.S/M"), Some(0)));
         let server = w.span(SpanKind::Server, "a.S/M");
