@@ -1,5 +1,6 @@
-//! Raw sys_enter/sys_exit tracepoints on the socket and pipe paths: enter records the
-//! arguments, exit copies what the syscall really moved. Sockets are followed once learned
+//! Raw sys_enter/sys_exit tracepoints on the socket and pipe paths: for writes, enter records
+//! the arguments and its time, exit copies what the syscall really moved; reads are handled
+//! at exit alone, from the argument registers the kernel saved at entry. Sockets are followed once learned
 //! from accept/connect (or seeded by user space); pipes once a read or write on an unknown fd
 //! finds a FIFO inode behind it in the task's fd table. Every other fd of a watched process
 //! is classified once and then costs two map lookups.
@@ -79,15 +80,12 @@ fn read_regs_u64(regs: u64, offset: usize) -> u64 {
 pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     let id: u64 = ctx.arg(1);
     let regs: u64 = ctx.arg(0);
+    // Reads are handled at exit alone (see `exit_read`).
     match id {
-        nr::READ => enter_data(regs, op::BUF, direction::INGRESS, None, true),
-        nr::WRITE => enter_data(regs, op::BUF, direction::EGRESS, None, true),
-        nr::READV => enter_data(regs, op::IOVEC, direction::INGRESS, None, true),
-        nr::WRITEV => enter_data(regs, op::IOVEC, direction::EGRESS, None, true),
-        nr::SENDTO => enter_data(regs, op::BUF, direction::EGRESS, None, false),
-        nr::RECVFROM => enter_data(regs, op::BUF, direction::INGRESS, Some(3), false),
-        nr::SENDMSG => enter_data(regs, op::MSGHDR, direction::EGRESS, None, false),
-        nr::RECVMSG => enter_data(regs, op::MSGHDR, direction::INGRESS, Some(2), false),
+        nr::WRITE => enter_write(regs, op::BUF, true),
+        nr::WRITEV => enter_write(regs, op::IOVEC, true),
+        nr::SENDTO => enter_write(regs, op::BUF, false),
+        nr::SENDMSG => enter_write(regs, op::MSGHDR, false),
         nr::ACCEPT | nr::ACCEPT4 => enter_accept(regs),
         nr::CONNECT => enter_connect(regs),
         // dup2/dup3 close their target fd silently: forget what was known about it.
@@ -105,14 +103,11 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     let id = read_regs_u64(regs, PT_REGS_ORIG_AX);
     let ret: i64 = ctx.arg(1);
     match id {
-        nr::READ
-        | nr::WRITE
-        | nr::READV
-        | nr::WRITEV
-        | nr::SENDTO
-        | nr::RECVFROM
-        | nr::SENDMSG
-        | nr::RECVMSG => exit_data(ret),
+        nr::READ => exit_read(regs, ret, op::BUF, None, true),
+        nr::READV => exit_read(regs, ret, op::IOVEC, None, true),
+        nr::RECVFROM => exit_read(regs, ret, op::BUF, Some(3), false),
+        nr::RECVMSG => exit_read(regs, ret, op::MSGHDR, Some(2), false),
+        nr::WRITE | nr::WRITEV | nr::SENDTO | nr::SENDMSG => exit_write(ret),
         nr::ACCEPT | nr::ACCEPT4 => exit_accept(ret),
         nr::CONNECT => exit_connect(ret),
         _ => {}
@@ -284,25 +279,31 @@ pub(crate) fn inflight(op: u8, dir: u8, fd: i32, ptr: u64, len: u64) -> Inflight
     }
 }
 
-/// Enter of a data syscall: remember its arguments when the fd is a followed socket.
+/// The arguments of a data syscall of a watched process on a followed fd, or None when its
+/// data is not to be copied. `regs` are the syscall's saved user registers, which still hold
+/// the arguments (and Go's r14) at exit.
 #[inline(always)]
-fn enter_data(regs: u64, op: u8, dir: u8, peek_flags_arg: Option<usize>, may_be_pipe: bool) {
-    let Some((id, tgid)) = current_if_watched() else {
-        return;
-    };
+fn data_args(
+    regs: u64,
+    op: u8,
+    dir: u8,
+    peek_flags_arg: Option<usize>,
+    may_be_pipe: bool,
+) -> Option<(u64, Inflight)> {
+    let (id, tgid) = current_if_watched()?;
     let fd = read_regs_u64(regs, PT_REGS_ARGS[0]) as i32;
     if !is_followed(id, tgid, fd, may_be_pipe) {
-        return;
+        return None;
     }
     if crate::tls::ciphertext(id, tgid, fd, dir) {
         // Its plaintext comes from the TLS library's uprobes.
-        return;
+        return None;
     }
     if let Some(i) = peek_flags_arg
         && read_regs_u64(regs, PT_REGS_ARGS[i & 3]) & MSG_PEEK != 0
     {
         // Peeked bytes are read again later; copying them now would duplicate them.
-        return;
+        return None;
     }
     let ptr = read_regs_u64(regs, PT_REGS_ARGS[1]);
     let len = read_regs_u64(regs, PT_REGS_ARGS[2]);
@@ -318,7 +319,32 @@ fn enter_data(regs: u64, op: u8, dir: u8, peek_flags_arg: Option<usize>, may_be_
             saved.goroutine = (*g & ((1 << 48) - 1)) | GREENLET_MARK;
         }
     }
-    save(id, &saved);
+    Some((id, saved))
+}
+
+/// Enter of a write-side syscall: its arguments are kept for the exit, which copies what it
+/// really wrote, and its start time is the request's or response's (a client's span starts
+/// when it begins writing).
+#[inline(always)]
+fn enter_write(regs: u64, op: u8, may_be_pipe: bool) {
+    if let Some((id, saved)) = data_args(regs, op, direction::EGRESS, None, may_be_pipe) {
+        save(id, &saved);
+    }
+}
+
+/// A read-side syscall, handled at its exit alone: nothing is kept at its entry, so the many
+/// reads that find no data (EAGAIN on non-blocking sockets, most of Go's first reads) cost a
+/// compare, and a successful one saves two map updates. Its record's enter time is its exit
+/// time: what a read's data means starts when the read returns.
+#[inline(always)]
+fn exit_read(regs: u64, ret: i64, op: u8, peek_flags_arg: Option<usize>, may_be_pipe: bool) {
+    if ret <= 0 {
+        return;
+    }
+    if let Some((id, saved)) = data_args(regs, op, direction::INGRESS, peek_flags_arg, may_be_pipe)
+    {
+        emit_data(id, &saved, ret as u64);
+    }
 }
 
 /// The taken in-flight record of the current thread, if any.
@@ -498,30 +524,35 @@ pub(crate) fn emit_buffer(
     }
 }
 
-/// Exit of a data syscall: copy what it moved.
+/// Exit of a write-side syscall: copy what it moved.
 #[inline(always)]
-fn exit_data(moved: i64) {
+fn exit_write(moved: i64) {
     let Some((id, saved)) = take_inflight() else {
         return;
     };
     if moved <= 0 {
         return;
     }
-    let moved = moved as u64;
+    emit_data(id, &saved, moved as u64);
+}
+
+/// Copies what a data syscall moved (`moved` > 0 bytes), by the shape of its buffer.
+#[inline(always)]
+fn emit_data(id: u64, saved: &Inflight, moved: u64) {
     let now = unsafe { bpf_ktime_get_ns() };
     let key = sock_key((id >> 32) as u32, saved.fd);
     match saved.op {
-        op::BUF => emit_buffer(kind::DATA, id, &saved, key, saved.ptr, moved, now),
-        op::IOVEC => emit_iovecs(id, &saved, key, saved.ptr, saved.len, moved, now),
+        op::BUF => emit_buffer(kind::DATA, id, saved, key, saved.ptr, moved, now),
+        op::IOVEC => emit_iovecs(id, saved, key, saved.ptr, saved.len, moved, now),
         op::MSGHDR => {
             // struct msghdr: msg_iov at 16, msg_iovlen at 24 (x86_64 and arm64 alike).
             let msg = saved.ptr;
             let iov = unsafe { bpf_probe_read_user((msg + 16) as *const u64) }.unwrap_or(0);
             let count = unsafe { bpf_probe_read_user((msg + 24) as *const u64) }.unwrap_or(0);
             if iov != 0 {
-                emit_iovecs(id, &saved, key, iov, count, moved, now);
+                emit_iovecs(id, saved, key, iov, count, moved, now);
             } else {
-                emit_chunk(id, &saved, key, 0, moved, 0, now);
+                emit_chunk(id, saved, key, 0, moved, 0, now);
             }
         }
         _ => {}
