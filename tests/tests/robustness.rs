@@ -719,6 +719,171 @@ fn hundred_thousand_idle_connections_keep_the_agent_bounded() -> Result<()> {
     result
 }
 
+/// SOCKETS capacity in the eviction test (`--max-sockets`): small, so a few thousand
+/// connections overflow it.
+const SMALL_SOCKETS: u64 = 1024;
+/// Connections the eviction test opens below that capacity (two entries each: the connect
+/// and the accept are both in the watched process), then beyond it.
+const BELOW_CAPACITY_CONNS: u64 = 150;
+const BEYOND_CAPACITY_CONNS: u64 = 1500;
+/// The map walk runs every 5 s; under load it may take a few rounds to be still.
+const MAP_COUNT_WAIT: Duration = Duration::from_secs(60);
+
+/// Connects to itself and keeps every connection: prints `waiting`; for each `open N` on
+/// stdin makes N connections to its own listener, accepts each (both ends stay open) and
+/// prints `open TOTAL`.
+const SELF_CONNECTOR: &str = r#"
+import resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(4096)
+port = l.getsockname()[1]
+held = []
+print("waiting", flush=True)
+for line in sys.stdin:
+    for _ in range(int(line.split()[1])):
+        c = socket.create_connection(("127.0.0.1", port))
+        s, _ = l.accept()
+        held += [c, s]
+    print("open %d" % (len(held) // 2), flush=True)
+"#;
+
+/// `difytrace_map_entries` and `difytrace_map_evictions_total` of SOCKETS in one scrape of
+/// the agent's Prometheus endpoint (both come from the same walk of the map).
+fn sockets_entries_and_evictions(addr: std::net::SocketAddr) -> Result<(u64, u64)> {
+    let r = http_get(addr, "/metrics", &[]).context("GET /metrics")?;
+    ensure!(r.status == 200, "GET /metrics: {}", r.status);
+    let text = r.text();
+    let value = |name: &str| -> Result<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains("map=\"SOCKETS\""))
+            .with_context(|| format!("no {name} for SOCKETS in /metrics"))?;
+        let v: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("bad sample {line:?}"))?;
+        Ok(v as u64)
+    };
+    Ok((
+        value("difytrace_map_entries")?,
+        value("difytrace_map_evictions_total")?,
+    ))
+}
+
+/// The kernel evicts from a full LRU map without a word; the agent counts it. With SOCKETS
+/// sized to 1024 entries, a watched process holding 150 connections (300 entries) evicts
+/// nothing, and once it holds 1650 (3300 entries) every entry created is either in the map
+/// or counted as evicted: evictions = created - entries, at least created - capacity. The
+/// stats line carries the same count as `sockets_evicted`.
+#[test]
+fn a_full_socket_map_counts_its_evictions() -> Result<()> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::process::{Command, Stdio};
+
+    let Some(_e2e) = difytrace_tests::e2e("a_full_socket_map_counts_its_evictions") else {
+        return Ok(());
+    };
+    let mut proc = Command::new(difytrace_tests::python::python3())
+        .arg("-c")
+        .arg(SELF_CONNECTOR)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the self-connecting process")?;
+    let result = (|| -> Result<()> {
+        let mut input = proc.stdin.take().context("stdin")?;
+        let mut output = BufReader::new(proc.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        output.read_line(&mut line)?;
+        ensure!(line.trim() == "waiting", "self connector said {line:?}");
+        let metrics = difytrace_tests::procs::local(difytrace_tests::procs::free_port());
+        // No pipes: the process's stdin and stdout would be SOCKETS entries too.
+        let agent = Agent::start(&[
+            "--pid",
+            &proc.id().to_string(),
+            "--no-pipes",
+            "--max-sockets",
+            &SMALL_SOCKETS.to_string(),
+            "--metrics-addr",
+            &metrics.to_string(),
+            "--stats-interval",
+            "1",
+        ])?;
+        let mut open = |n: u64, total: u64| -> Result<()> {
+            writeln!(input, "open {n}")?;
+            line.clear();
+            output.read_line(&mut line)?;
+            ensure!(
+                line.trim() == format!("open {total}"),
+                "self connector: {line:?}"
+            );
+            Ok(())
+        };
+
+        open(BELOW_CAPACITY_CONNS, BELOW_CAPACITY_CONNS)?;
+        let created = 2 * BELOW_CAPACITY_CONNS;
+        let below = difytrace_tests::poll(MAP_COUNT_WAIT, Duration::from_millis(500), || {
+            sockets_entries_and_evictions(metrics)
+                .ok()
+                .filter(|(entries, _)| *entries >= created)
+        })
+        .with_context(|| {
+            format!(
+                "SOCKETS never showed the {created} entries; last {:?}",
+                sockets_entries_and_evictions(metrics)
+            )
+        })?;
+        eprintln!(
+            "{created} entries created, capacity {SMALL_SOCKETS}: (entries, evicted) = {below:?}"
+        );
+        ensure!(
+            below == (created, 0),
+            "below capacity: (entries, evicted) = {below:?}, want ({created}, 0)"
+        );
+
+        open(
+            BEYOND_CAPACITY_CONNS,
+            BELOW_CAPACITY_CONNS + BEYOND_CAPACITY_CONNS,
+        )?;
+        let created = 2 * (BELOW_CAPACITY_CONNS + BEYOND_CAPACITY_CONNS);
+        // Exact once the map is still for a walk: each entry created is there or evicted.
+        let beyond = difytrace_tests::poll(MAP_COUNT_WAIT, Duration::from_millis(500), || {
+            sockets_entries_and_evictions(metrics)
+                .ok()
+                .filter(|(entries, evicted)| entries + evicted == created)
+        })
+        .with_context(|| {
+            format!(
+                "entries + evictions never reached the {created} entries created; last {:?}",
+                sockets_entries_and_evictions(metrics)
+            )
+        })?;
+        eprintln!(
+            "{created} entries created, capacity {SMALL_SOCKETS}: (entries, evicted) = {beyond:?}"
+        );
+        let (entries, evicted) = beyond;
+        ensure!(
+            entries <= SMALL_SOCKETS && evicted >= created - SMALL_SOCKETS,
+            "beyond capacity: {entries} entries, {evicted} evicted of {created} created"
+        );
+        let stats = agent.stop_with_stats()?;
+        ensure!(
+            stats.get("sockets_evicted") == Some(&evicted),
+            "stats line: sockets_evicted={:?}, /metrics said {evicted}",
+            stats.get("sockets_evicted")
+        );
+        Ok(())
+    })();
+    let _ = proc.kill();
+    let _ = proc.wait();
+    result
+}
+
 /// An agent with nothing to trace sits idle: no thread spins. Regression for the container
 /// watcher, whose inotify wait stopped blocking when it had no filter and no runtime to ask
 /// and burned a whole core. A spinning thread uses about one CPU-second per second; an idle
