@@ -512,6 +512,8 @@ const IDLE_PROCS: usize = 7;
 const IDLE_PORTS_PER_SERVER: usize = 2;
 /// The agent's user-side connection table (`tracer/src/stream/table.rs`: MAX_CONNS).
 const MAX_CONNS: u64 = 32_768;
+/// The kernel's SOCKETS capacity without `--max-sockets` (tracer_common::MAX_SOCKETS).
+const DEFAULT_SOCKETS: u64 = 65_536;
 /// The documented bound on the agent's memory with any number of idle connections
 /// (docs/benchmarks.md, "Bounded memory").
 const IDLE_RSS_BOUND_KIB: u64 = 256 * 1024;
@@ -704,6 +706,21 @@ fn hundred_thousand_idle_connections_keep_the_agent_bounded() -> Result<()> {
             "{IDLE_CONNS} connections opened, {conns} tracked, only {evicted} counted as evicted"
         );
 
+        // The kernel's SOCKETS map (65536 entries by default) cannot hold the 100k client
+        // ends either: the evictions are counted (each map walk, every 5 s).
+        let evicted = difytrace_tests::poll(WAIT, Duration::from_secs(1), || {
+            last_stats(&agent.stderr())
+                .and_then(|st| st.get("sockets_evicted").copied())
+                .filter(|n| *n >= IDLE_CONNS as u64 - DEFAULT_SOCKETS)
+        })
+        .with_context(|| {
+            format!(
+                "{IDLE_CONNS} connections in a map of {DEFAULT_SOCKETS}: sockets_evicted {:?}",
+                last_stats(&agent.stderr()).and_then(|st| st.get("sockets_evicted").copied())
+            )
+        })?;
+        eprintln!("sockets_evicted={evicted}");
+
         writeln!(input, "req /after-idle")?;
         line.clear();
         output.read_line(&mut line)?;
@@ -716,6 +733,225 @@ fn hundred_thousand_idle_connections_keep_the_agent_bounded() -> Result<()> {
     })();
     let _ = client.kill();
     let _ = client.wait();
+    result
+}
+
+/// SOCKETS capacity in the eviction test (`--max-sockets`): small, so a few thousand
+/// connections overflow it.
+const SMALL_SOCKETS: u64 = 1024;
+/// Connections the eviction test opens below that capacity (two entries each: the connect
+/// and the accept are both in the watched process), then beyond it.
+const BELOW_CAPACITY_CONNS: u64 = 150;
+const BEYOND_CAPACITY_CONNS: u64 = 1500;
+/// How long the eviction test opens and closes connections below capacity: over two walks.
+const CHURN_SECS: u64 = 11;
+/// The map walk runs every 5 s; under load it may take a few rounds to be still.
+const MAP_COUNT_WAIT: Duration = Duration::from_secs(60);
+
+/// Connects to itself and keeps every connection: prints `waiting`; for each `open N` on
+/// stdin makes N connections to its own listener, accepts each (both ends stay open) and
+/// prints `open TOTAL`; for `churn SECS` connects, accepts and closes both ends over and
+/// over for that long (some hundreds a second) and prints `churned N`.
+const SELF_CONNECTOR: &str = r#"
+import resource, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(4096)
+port = l.getsockname()[1]
+held = []
+print("waiting", flush=True)
+for line in sys.stdin:
+    cmd, arg = line.split()
+    if cmd == "open":
+        for _ in range(int(arg)):
+            c = socket.create_connection(("127.0.0.1", port))
+            s, _ = l.accept()
+            held += [c, s]
+        print("open %d" % (len(held) // 2), flush=True)
+    else:
+        n, end = 0, time.monotonic() + float(arg)
+        while time.monotonic() < end:
+            c = socket.create_connection(("127.0.0.1", port))
+            s, _ = l.accept()
+            c.close()
+            s.close()
+            n += 1
+            time.sleep(0.002)  # a few thousand, not a whole port range in TIME_WAIT
+        print("churned %d" % n, flush=True)
+"#;
+
+/// `difytrace_map_entries` and `difytrace_map_evictions_total` of SOCKETS in one scrape of
+/// the agent's Prometheus endpoint (both come from the same walk of the map).
+fn sockets_entries_and_evictions(addr: std::net::SocketAddr) -> Result<(u64, u64)> {
+    let r = http_get(addr, "/metrics", &[]).context("GET /metrics")?;
+    ensure!(r.status == 200, "GET /metrics: {}", r.status);
+    let text = r.text();
+    let value = |name: &str| -> Result<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains("map=\"SOCKETS\""))
+            .with_context(|| format!("no {name} for SOCKETS in /metrics"))?;
+        let v: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("bad sample {line:?}"))?;
+        Ok(v as u64)
+    };
+    Ok((
+        value("difytrace_map_entries")?,
+        value("difytrace_map_evictions_total")?,
+    ))
+}
+
+/// The kernel evicts from a full LRU map without a word; the agent counts it. With SOCKETS
+/// sized to 1024 entries, a watched process holding 150 connections (300 entries) evicts
+/// nothing, and once it holds 1650 (3300 entries) every entry created is either in the map
+/// or counted as evicted: evictions = created - entries, at least created - capacity. The
+/// stats line carries the same count as `sockets_evicted`.
+#[test]
+fn a_full_socket_map_counts_its_evictions() -> Result<()> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::process::{Command, Stdio};
+
+    let Some(_e2e) = difytrace_tests::e2e("a_full_socket_map_counts_its_evictions") else {
+        return Ok(());
+    };
+    let mut proc = Command::new(difytrace_tests::python::python3())
+        .arg("-c")
+        .arg(SELF_CONNECTOR)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the self-connecting process")?;
+    let result = (|| -> Result<()> {
+        let mut input = proc.stdin.take().context("stdin")?;
+        let mut output = BufReader::new(proc.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        output.read_line(&mut line)?;
+        ensure!(line.trim() == "waiting", "self connector said {line:?}");
+        let metrics = difytrace_tests::procs::local(difytrace_tests::procs::free_port());
+        let rx = OtlpReceiver::start()?;
+        // No pipes: the process's stdin and stdout would be SOCKETS entries too.
+        let agent = Agent::start(&[
+            "--pid",
+            &proc.id().to_string(),
+            "--no-pipes",
+            "--max-sockets",
+            &SMALL_SOCKETS.to_string(),
+            "--metrics-addr",
+            &metrics.to_string(),
+            "--otlp-endpoint",
+            &rx.grpc_endpoint(),
+            "--metrics-interval",
+            "1",
+            "--stats-interval",
+            "1",
+        ])?;
+        let mut ask = |cmd: &str| -> Result<String> {
+            writeln!(input, "{cmd}")?;
+            line.clear();
+            output.read_line(&mut line)?;
+            Ok(line.trim().to_string())
+        };
+
+        let said = ask(&format!("open {BELOW_CAPACITY_CONNS}"))?;
+        ensure!(
+            said == format!("open {BELOW_CAPACITY_CONNS}"),
+            "self connector: {said:?}"
+        );
+        let created = 2 * BELOW_CAPACITY_CONNS;
+        let below = difytrace_tests::poll(MAP_COUNT_WAIT, Duration::from_millis(500), || {
+            sockets_entries_and_evictions(metrics)
+                .ok()
+                .filter(|(entries, _)| *entries >= created)
+        })
+        .with_context(|| {
+            format!(
+                "SOCKETS never showed the {created} entries; last {:?}",
+                sockets_entries_and_evictions(metrics)
+            )
+        })?;
+        eprintln!(
+            "{created} entries created, capacity {SMALL_SOCKETS}: (entries, evicted) = {below:?}"
+        );
+        ensure!(
+            below == (created, 0),
+            "below capacity: (entries, evicted) = {below:?}, want ({created}, 0)"
+        );
+        // Connections opened and closed while the map is walked (two walks at least): the
+        // closes are counted, none reads as an eviction.
+        let said = ask(&format!("churn {CHURN_SECS}"))?;
+        ensure!(said.starts_with("churned "), "self connector: {said:?}");
+        let churned = difytrace_tests::poll(MAP_COUNT_WAIT, Duration::from_millis(500), || {
+            sockets_entries_and_evictions(metrics)
+                .ok()
+                .filter(|(entries, evicted)| *entries == created || *evicted > 0)
+        })
+        .with_context(|| {
+            format!(
+                "SOCKETS never came back to {created} entries after the churn; last {:?}",
+                sockets_entries_and_evictions(metrics)
+            )
+        })?;
+        eprintln!("{said} below capacity: (entries, evicted) = {churned:?}");
+        ensure!(
+            churned == (created, 0),
+            "after churn below capacity: (entries, evicted) = {churned:?}, want ({created}, 0)"
+        );
+
+        let said = ask(&format!("open {BEYOND_CAPACITY_CONNS}"))?;
+        ensure!(
+            said == format!("open {}", BELOW_CAPACITY_CONNS + BEYOND_CAPACITY_CONNS),
+            "self connector: {said:?}"
+        );
+        let created = 2 * (BELOW_CAPACITY_CONNS + BEYOND_CAPACITY_CONNS);
+        // Exact once the map is still for a walk: each entry created is there or evicted.
+        let beyond = difytrace_tests::poll(MAP_COUNT_WAIT, Duration::from_millis(500), || {
+            sockets_entries_and_evictions(metrics)
+                .ok()
+                .filter(|(entries, evicted)| entries + evicted == created)
+        })
+        .with_context(|| {
+            format!(
+                "entries + evictions never reached the {created} entries created; last {:?}",
+                sockets_entries_and_evictions(metrics)
+            )
+        })?;
+        eprintln!(
+            "{created} entries created, capacity {SMALL_SOCKETS}: (entries, evicted) = {beyond:?}"
+        );
+        let (entries, evicted) = beyond;
+        ensure!(
+            entries <= SMALL_SOCKETS && evicted >= created - SMALL_SOCKETS,
+            "beyond capacity: {entries} entries, {evicted} evicted of {created} created"
+        );
+        // The same count over OTLP (self-telemetry, `_total` dropped).
+        rx.wait_for_points(
+            |points| {
+                points.iter().any(|p| {
+                    p.service == "difytrace"
+                        && p.metric == "difytrace_map_evictions"
+                        && p.attr_str("map").as_deref() == Some("SOCKETS")
+                        && p.value == evicted as f64
+                })
+            },
+            MAP_COUNT_WAIT,
+        )
+        .context("difytrace_map_evictions{map=SOCKETS} over OTLP")?;
+        let stats = agent.stop_with_stats()?;
+        ensure!(
+            stats.get("sockets_evicted") == Some(&evicted),
+            "stats line: sockets_evicted={:?}, /metrics said {evicted}",
+            stats.get("sockets_evicted")
+        );
+        Ok(())
+    })();
+    let _ = proc.kill();
+    let _ = proc.wait();
     result
 }
 

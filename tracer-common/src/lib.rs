@@ -188,7 +188,19 @@ pub mod counter {
     pub const TLS_NO_SOCKET: u32 = 18;
     /// Syscalls on TLS sockets whose ciphertext was not copied.
     pub const TLS_CIPHERTEXT_SKIPPED: u32 = 19;
-    pub const COUNT: u32 = 20;
+    /// SOCKETS entries the kernel side created (an insert that found no entry for the key).
+    /// With the removals below, user space derives the entries the LRU map evicted.
+    pub const SOCKETS_CREATED: u32 = 20;
+    /// SOCKETS entries the kernel side removed (close), counted before the delete.
+    pub const SOCKETS_REMOVED: u32 = 21;
+    /// Of those, deletes that found the entry gone already (another CPU, or the LRU):
+    /// subtracted again.
+    pub const SOCKETS_REMOVE_MISSED: u32 = 22;
+    /// The same three for OTHER_FDS.
+    pub const OTHER_FDS_CREATED: u32 = 23;
+    pub const OTHER_FDS_REMOVED: u32 = 24;
+    pub const OTHER_FDS_REMOVE_MISSED: u32 = 25;
+    pub const COUNT: u32 = 26;
 }
 
 /// One syscall's (or one iovec's) bytes on a socket.

@@ -25,7 +25,8 @@ use tracer_common::{
 
 use crate::util::{
     EVENTS, FdWalk, INFLIGHT, Inflight, OTHER_FDS, SCRATCH, SOCKETS, bump, current_if_watched,
-    current_is_agent, fd_walk, follow_pipes, go_goroutines, greenlets, sock_walk, wakeup_flags,
+    current_is_agent, fd_walk, follow_pipes, go_goroutines, greenlets, put_counted, remove_counted,
+    sock_walk, wakeup_flags,
 };
 
 /// What the saved pointer of an in-flight syscall points at.
@@ -141,7 +142,7 @@ fn is_followed(id: u64, tgid: u32, fd: i32, may_be_pipe: bool) -> bool {
             true
         }
         Some(_) => {
-            if OTHER_FDS.insert(&key, &0, 0).is_err() {
+            if put_counted(&OTHER_FDS, &key, &0, counter::OTHER_FDS_CREATED).is_err() {
                 bump(counter::OTHER_FD_MAP_FULL);
             }
             false
@@ -238,7 +239,14 @@ fn track_pipe(id: u64, fd: i32, ino: u64) {
         _pad: [0; 2],
         seq: 0,
     };
-    if SOCKETS.insert(&sock_key(tgid, fd), &info, 0).is_err() {
+    if put_counted(
+        &SOCKETS,
+        &sock_key(tgid, fd),
+        &info,
+        counter::SOCKETS_CREATED,
+    )
+    .is_err()
+    {
         bump(counter::SOCKET_MAP_FULL);
         return;
     }
@@ -641,7 +649,14 @@ fn track(id: u64, fd: i32, sock_role: u8, event_kind: u8, peer: SockAddr) {
         _pad: [0; 2],
         seq: 0,
     };
-    if SOCKETS.insert(&sock_key(tgid, fd), &info, 0).is_err() {
+    if put_counted(
+        &SOCKETS,
+        &sock_key(tgid, fd),
+        &info,
+        counter::SOCKETS_CREATED,
+    )
+    .is_err()
+    {
         bump(counter::SOCKET_MAP_FULL);
         return;
     }
@@ -732,12 +747,25 @@ fn enter_close(regs: u64, fd_arg: usize) {
     };
     let fd = read_regs_u64(regs, PT_REGS_ARGS[fd_arg & 3]) as i32;
     let key = sock_key(tgid, fd);
-    let _ = OTHER_FDS.remove(&key);
+    // SAFETY: presence test only.
+    if unsafe { OTHER_FDS.get(&key) }.is_some() {
+        remove_counted(
+            &OTHER_FDS,
+            &key,
+            counter::OTHER_FDS_REMOVED,
+            counter::OTHER_FDS_REMOVE_MISSED,
+        );
+    }
     // SAFETY: copied out before removal.
     let Some(info) = (unsafe { SOCKETS.get(&key) }).copied() else {
         return;
     };
-    let _ = SOCKETS.remove(&key);
+    remove_counted(
+        &SOCKETS,
+        &key,
+        counter::SOCKETS_REMOVED,
+        counter::SOCKETS_REMOVE_MISSED,
+    );
     emit_conn(
         kind::CLOSE,
         info.role,

@@ -281,6 +281,46 @@ pub fn bump(index: u32) {
     }
 }
 
+/// Flags of a map update: replace or create; create only.
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
+/// -EEXIST from an update with BPF_NOEXIST: the key has an entry.
+const ERR_EXISTS: i32 = -17;
+
+/// Puts `value` at `key` in an LRU map whose churn is counted, bumping `created` when the
+/// entry is a new one. The agent derives the entries the kernel evicted (silently, when the
+/// map is full) as created - removed - live, so a replacement must not count as created:
+/// a stale entry for the same key (an fd closed without a close() we saw: close_range,
+/// exec) is replaced without a count.
+#[inline(always)]
+pub fn put_counted<K, V>(
+    map: &LruHashMap<K, V>,
+    key: &K,
+    value: &V,
+    created: u32,
+) -> Result<(), i32> {
+    match map.insert(key, value, BPF_NOEXIST) {
+        Ok(()) => {
+            bump(created);
+            Ok(())
+        }
+        Err(ERR_EXISTS) => map.insert(key, value, BPF_ANY),
+        Err(err) => Err(err),
+    }
+}
+
+/// Removes `key`, which a lookup just found, from an LRU map whose churn is counted. The
+/// removal is counted before the delete, so the agent's walk of the map never misses an entry
+/// that is not counted yet (which would read as an eviction); a delete that finds the entry
+/// gone already (another CPU removed it, or the LRU evicted it) is taken back with `missed`.
+#[inline(always)]
+pub fn remove_counted<K, V>(map: &LruHashMap<K, V>, key: &K, removed: u32, missed: u32) {
+    bump(removed);
+    if map.remove(key).is_err() {
+        bump(missed);
+    }
+}
+
 /// (pid_tgid, tgid) of the current task, or None when it is not watched.
 #[inline(always)]
 pub fn current_if_watched() -> Option<(u64, u32)> {

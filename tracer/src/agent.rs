@@ -841,6 +841,10 @@ impl Agent {
         ] {
             st.push(key, value);
         }
+        for (key, map) in self_telemetry::MAP_EVICTIONS {
+            let evicted = maps.iter().find(|m| m.name == map).and_then(|m| m.evicted);
+            st.push(key, evicted.unwrap_or(0));
+        }
         self.metrics.push_stats(&mut st);
         st.maps = maps;
         (st.rss_bytes, st.cpu_seconds) = self_telemetry::process_usage();
@@ -881,6 +885,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         greenlets: config.greenlets,
         nginx: config.nginx_uprobes,
         tls: config.tls,
+        max_sockets: config.max_sockets,
     };
     let mut probes = Probes::load(&kernel_selection)?;
     let mut own_sockets = SelfSockets::new();
@@ -922,7 +927,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let map_counts = MapCounts::start(probes.map_ids());
+    let map_counts = MapCounts::start(probes.map_ids(), Some(probes.churn_sources()));
 
     let (go, mut go_inspected) = GoBinaries::start()?;
     let mut agent = Agent {

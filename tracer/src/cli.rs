@@ -92,6 +92,11 @@ pub struct Cli {
     /// Do not follow pipes (plugin stdio); only sockets are traced.
     #[arg(long)]
     pub no_pipes: bool,
+    /// Connections (and pipes) the kernel side follows at once (default 65536). Beyond it
+    /// the least recently used are evicted and their later data is not followed; counted in
+    /// `sockets_evicted` / `difytrace_map_evictions_total{map="SOCKETS"}`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(64..=4_194_304))]
+    pub max_sockets: Option<u32>,
     /// No uprobes on Go binaries: Go processes are then linked by thread, which goroutines
     /// make unreliable.
     #[arg(long)]

@@ -20,6 +20,8 @@ pub struct Config {
     pub stats_interval_secs: u64,
     /// Follow pipes as well as sockets (plugin stdio).
     pub follow_pipes: bool,
+    /// Capacity of the kernel's socket map, when not its default.
+    pub max_sockets: Option<u32>,
     /// Put uprobes on Go binaries.
     pub go_uprobes: bool,
     /// Also probe the RETs of Go HTTP handlers (handler duration).
@@ -83,6 +85,7 @@ impl Config {
             ready_file: cli.ready_file.clone(),
             stats_interval_secs: cli.stats_interval,
             follow_pipes: !cli.no_pipes,
+            max_sockets: cli.max_sockets,
             go_uprobes: !cli.no_go,
             go_handler_returns: cli.go_handler_returns,
             greenlets: !cli.no_greenlets,

@@ -20,12 +20,14 @@ pub struct SelfMetric {
     pub value: f64,
 }
 
-/// Entries of one kernel map: how many now, how many it can hold.
+/// Entries of one kernel map: how many now, how many it can hold, and for the LRU maps whose
+/// churn is counted, how many it evicted since start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapOccupancy {
     pub name: String,
     pub entries: u64,
     pub capacity: u64,
+    pub evicted: Option<u64>,
 }
 
 /// Every counter of the agent at one moment, in the order of the `stats` line.
@@ -75,6 +77,12 @@ const DROPS: [(&str, &str); 24] = [
     ("export_queue_full", "export_queue_full"),
     ("export_failed", "export_failed"),
     ("graph_evicted", "service_graph_evicted"),
+];
+
+/// Stats keys that count the entries a kernel LRU map evicted, with the `map` label they get.
+pub const MAP_EVICTIONS: [(&str, &str); 2] = [
+    ("sockets_evicted", "SOCKETS"),
+    ("other_fds_evicted", "OTHER_FDS"),
 ];
 
 /// Stats keys that count spans written out, with the `exporter` label they get.
@@ -169,6 +177,14 @@ impl SelfStats {
                     "Things lost, per reason (kernel maps and ring, parsers, tables, export).",
                     SelfKind::Counter,
                     vec![("reason", (*reason).to_string())],
+                    *value,
+                ));
+            } else if let Some((_, map)) = MAP_EVICTIONS.iter().find(|(k, _)| *k == key) {
+                out.push(metric(
+                    "difytrace_map_evictions_total".into(),
+                    "Entries a kernel LRU map evicted because it was full (their state is lost).",
+                    SelfKind::Counter,
+                    vec![("map", (*map).to_string())],
                     *value,
                 ));
             } else if let Some((_, exporter)) = EXPORTED.iter().find(|(k, _)| *k == key) {
@@ -305,6 +321,35 @@ mod tests {
             m.iter()
                 .any(|m| m.name == "difytrace_drops_total" && m.value == 5.0)
         );
+    }
+
+    #[test]
+    fn map_evictions_are_one_counter_labelled_by_map() {
+        let mut s = SelfStats::default();
+        s.push("sockets_evicted", 7);
+        s.push("other_fds_evicted", 0);
+        assert!(
+            s.line()
+                .starts_with("sockets_evicted=7 other_fds_evicted=0 ")
+        );
+        let m = s.metrics();
+        let evictions: Vec<_> = m
+            .iter()
+            .filter(|m| m.name == "difytrace_map_evictions_total")
+            .map(|m| (m.labels.clone(), m.value, m.kind))
+            .collect();
+        assert_eq!(
+            evictions,
+            vec![
+                (vec![("map", "SOCKETS".to_string())], 7.0, SelfKind::Counter),
+                (
+                    vec![("map", "OTHER_FDS".to_string())],
+                    0.0,
+                    SelfKind::Counter
+                ),
+            ]
+        );
+        assert!(!m.iter().any(|m| m.name.contains("sockets_evicted")));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Loads the kernel programs, attaches them, and hands ring buffer records to the pipeline.
 
 pub mod btf;
+pub mod churn;
 pub mod event;
 pub mod go;
 pub mod native;
@@ -54,6 +55,8 @@ pub struct KernelSelection {
     pub tls: bool,
     /// Only tasks in the cgroups user space puts in CGROUP_FILTER are traced (containers).
     pub cgroup_filter: bool,
+    /// Capacity of the SOCKETS map, when not its default (`tracer_common::MAX_SOCKETS`).
+    pub max_sockets: Option<u32>,
 }
 
 /// The kernel struct offsets for walking an fd to its inode (pipes) and to its socket's
@@ -105,6 +108,10 @@ pub struct Probes {
     features: u32,
     /// (name, kernel id) of every hash map, for counting their entries (self-telemetry).
     map_ids: Vec<(String, u32)>,
+    /// Kernel id of COUNTERS, for the map-counting thread.
+    counters_map_id: u32,
+    /// Entries user space itself put into and took out of SOCKETS and OTHER_FDS.
+    churn: std::sync::Arc<churn::FdMapChurn>,
 }
 
 /// Kernel counters summed over CPUs, indexed by `tracer_common::counter`.
@@ -144,7 +151,11 @@ impl Probes {
         }
         let walk = walk.unwrap_or_default();
         let sock = sock.unwrap_or_default();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if let Some(n) = selection.max_sockets {
+            loader.map_max_entries("SOCKETS", n);
+        }
+        let mut ebpf = loader
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("EMIT_EXEC", &emit_exec, true)
             .override_global("CGROUP_FILTER_ON", &cgroup_filter_on, true)
@@ -183,6 +194,10 @@ impl Probes {
                 .with_context(|| format!("adding comm filter {comm}"))?;
         }
         let map_ids = hash_map_ids(&ebpf);
+        let counters_map_id = match ebpf.map("COUNTERS") {
+            Some(aya::maps::Map::PerCpuArray(data)) => data.info().context("map COUNTERS")?.id(),
+            _ => bail!("map COUNTERS missing from the object"),
+        };
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
         let watched = BpfHashMap::try_from(ebpf.take_map("WATCHED").context("map WATCHED")?)?;
         let sockets = BpfHashMap::try_from(ebpf.take_map("SOCKETS").context("map SOCKETS")?)?;
@@ -229,6 +244,8 @@ impl Probes {
             cgroup_filter,
             features,
             map_ids,
+            counters_map_id,
+            churn: std::sync::Arc::default(),
         })
     }
 
@@ -290,7 +307,8 @@ impl Probes {
             _pad: [0; 2],
             seq: 0,
         };
-        if let Err(err) = self.sockets.insert(&sock_key(tgid, fd), &info, 0) {
+        let sockets = &self.churn.sockets;
+        if let Err(err) = sockets.insert(&mut self.sockets, sock_key(tgid, fd), &info) {
             debug!(tgid, fd, %err, "cannot seed socket");
         }
     }
@@ -314,7 +332,9 @@ impl Probes {
 
     /// Drops the kernel's entry for a socket of a process that exited.
     pub fn forget_socket(&mut self, tgid: u32, fd: i32) {
-        let _ = self.sockets.remove(&sock_key(tgid, fd));
+        self.churn
+            .sockets
+            .remove(&mut self.sockets, &sock_key(tgid, fd));
     }
 
     /// Lets the tasks of a cgroup through the kernel's container filter.
@@ -353,7 +373,7 @@ impl Probes {
             .filter(of_exited)
             .collect();
         for key in &stale {
-            let _ = self.sockets.remove(key);
+            self.churn.sockets.remove(&mut self.sockets, key);
         }
         let stale_other: Vec<u64> = self
             .other_fds
@@ -362,7 +382,7 @@ impl Probes {
             .filter(of_exited)
             .collect();
         for key in &stale_other {
-            let _ = self.other_fds.remove(key);
+            self.churn.other_fds.remove(&mut self.other_fds, key);
         }
         let removed = (stale.len() + stale_other.len()) as u64;
         if removed > 0 {
@@ -382,6 +402,14 @@ impl Probes {
     /// (name, kernel id) of every hash map of the object.
     pub fn map_ids(&self) -> Vec<(String, u32)> {
         self.map_ids.clone()
+    }
+
+    /// What the map-counting thread needs to derive the evictions of SOCKETS and OTHER_FDS.
+    pub fn churn_sources(&self) -> churn::ChurnSources {
+        churn::ChurnSources {
+            counters_map_id: self.counters_map_id,
+            user: self.churn.clone(),
+        }
     }
 
     pub fn counters(&self) -> KernelCounters {
