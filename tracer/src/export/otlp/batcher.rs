@@ -8,8 +8,8 @@
 //! while exports work rejects the new span (the backend is slower than the traffic).
 
 use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
+    collections::VecDeque,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -21,7 +21,10 @@ use super::{
     counters::Shared,
     span_encode::{encode_request, resource, span},
 };
-use crate::span::model::{FinishedSpan, ProcessResource};
+use crate::{
+    fast_map::HashMap,
+    span::model::{FinishedSpan, ProcessResource},
+};
 
 /// First wait after a failed export before spans of failed exports alone are sent again.
 pub(super) const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -83,7 +86,7 @@ impl Batcher {
     pub(super) fn new(limits: Limits, env_attrs: Vec<(String, String)>) -> Self {
         Self {
             limits,
-            queues: HashMap::new(),
+            queues: HashMap::default(),
             env_attrs,
             scope: super::span_encode::scope(),
             last_attempt: None,
@@ -107,25 +110,15 @@ impl Batcher {
 
     /// Queues `s` (or drops it, counted in `shared`).
     pub(super) fn admit(&mut self, s: FinishedSpan, now: Instant, shared: &Shared) {
-        if !self.queues.contains_key(&*s.resource) {
-            if self.queues.len() >= self.limits.max_resources {
-                self.evict_lru(shared);
-            }
-            let queue = Queue {
-                resource: resource(&s.resource, &self.env_attrs),
-                spans: VecDeque::new(),
-                held: 0,
-                last_used: now,
-            };
-            tracing::debug!(service = %s.resource.service_name, pid = s.resource.pid, "new OTLP resource");
-            self.queues.insert(Arc::clone(&s.resource), queue);
-        }
         let failing = self.failing();
-        let Some(queue) = self.queues.get_mut(&*s.resource) else {
-            return;
+        let max_queue = self.limits.max_queue;
+        // One lookup for the common case: the process is known.
+        let queue = match self.queues.get_mut(&*s.resource) {
+            Some(queue) => queue,
+            None => self.new_queue(&s.resource, now, shared),
         };
         queue.last_used = now;
-        if queue.spans.len() >= self.limits.max_queue {
+        if queue.spans.len() >= max_queue {
             if !failing && queue.held == 0 {
                 shared.drop_spans(1, "per-resource queue full");
                 return;
@@ -138,9 +131,25 @@ impl Batcher {
             );
         }
         queue.spans.push_back((now, span(s)));
-        shared
-            .queued
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared.queued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn new_queue(
+        &mut self,
+        process: &Arc<ProcessResource>,
+        now: Instant,
+        shared: &Shared,
+    ) -> &mut Queue {
+        if self.queues.len() >= self.limits.max_resources {
+            self.evict_lru(shared);
+        }
+        tracing::debug!(service = %process.service_name, pid = process.pid, "new OTLP resource");
+        self.queues.entry(Arc::clone(process)).or_insert(Queue {
+            resource: resource(process, &self.env_attrs),
+            spans: VecDeque::new(),
+            held: 0,
+            last_used: now,
+        })
     }
 
     /// When the next export is due (`now` at the latest when it is due already); None when
