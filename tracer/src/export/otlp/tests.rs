@@ -238,9 +238,10 @@ fn lru_eviction_and_idle_retirement() {
     assert!(!b.has(&bb), "idle since 20 ms");
 }
 
-/// Records whole requests; answers with `reject` spans rejected when nonzero.
+/// Records whole requests (with their `authorization` metadata); answers with `reject`
+/// spans rejected when nonzero.
 struct Recorder {
-    tx: tokio_mpsc::UnboundedSender<ExportTraceServiceRequest>,
+    tx: tokio_mpsc::UnboundedSender<(Option<String>, ExportTraceServiceRequest)>,
     reject: i64,
 }
 
@@ -250,7 +251,12 @@ impl TraceService for Recorder {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let _ = self.tx.send(request.into_inner());
+        let auth = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let _ = self.tx.send((auth, request.into_inner()));
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: (self.reject > 0).then(|| ExportTracePartialSuccess {
                 rejected_spans: self.reject,
@@ -263,7 +269,7 @@ impl TraceService for Recorder {
 async fn start_recorder(
     listener: TcpListener,
     reject: i64,
-) -> tokio_mpsc::UnboundedReceiver<ExportTraceServiceRequest> {
+) -> tokio_mpsc::UnboundedReceiver<(Option<String>, ExportTraceServiceRequest)> {
     let (tx, rx) = tokio_mpsc::unbounded_channel();
     tokio::spawn(
         tonic::transport::Server::builder()
@@ -284,7 +290,7 @@ fn dispatcher(
         &format!("http://{addr}"),
         Signal::Traces,
         Duration::from_secs(2),
-        &[],
+        &[("authorization".into(), "Bearer g".into())],
         Some(tokio::runtime::Handle::current()),
     )
     .expect("transport");
@@ -347,7 +353,12 @@ async fn one_request_carries_every_resource() {
     .await
     .expect("join");
     let (_d, shared) = d;
-    let req = rx.recv().await.expect("one request");
+    let (auth, req) = rx.recv().await.expect("one request");
+    assert_eq!(
+        auth.as_deref(),
+        Some("Bearer g"),
+        "headers go out as gRPC metadata"
+    );
     assert_eq!(req.resource_spans.len(), 2, "{req:?}");
     let mut by_service = HashMap::new();
     for rs in &req.resource_spans {
@@ -392,7 +403,7 @@ async fn held_spans_are_sent_without_new_traffic() {
     // The backend comes back; no new span is made.
     let listener = TcpListener::bind(addr).await.expect("rebind");
     let mut rx = start_recorder(listener, 0).await;
-    let req = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+    let (_, req) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
         .await
         .expect("held spans never delivered")
         .expect("request");
@@ -495,4 +506,96 @@ fn resource_key_is_the_process() {
     let other: Arc<ProcessResource> = resource("a", 2);
     b.admit(span(3, &other), now, &shared);
     assert_eq!(b.resources(), 2);
+}
+
+/// Answers one HTTP request per entry of `statuses` and hands back each request's head.
+fn http_once(statuses: &'static [u16]) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::{Read as _, Write as _};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let handle = std::thread::spawn(move || {
+        let mut heads = Vec::new();
+        for status in statuses {
+            let (mut conn, _) = l.accept().expect("accept");
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let head_end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let n = conn.read(&mut chunk).expect("read");
+                assert!(n > 0, "connection closed mid-request");
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < head_end + len {
+                let n = conn.read(&mut chunk).expect("read body");
+                assert!(n > 0, "connection closed mid-body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            heads.push(head);
+            let reply =
+                format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            conn.write_all(reply.as_bytes()).expect("write");
+        }
+        heads
+    });
+    (addr, handle)
+}
+
+#[test]
+fn http_transport_sends_headers_and_classifies_failures() {
+    let (addr, server) = http_once(&[200, 400, 503]);
+    let headers = settings::key_values("authorization=Bearer%20t0k,x-tenant=a");
+    let mut t = Transport::new(
+        OtlpProtocol::HttpProtobuf,
+        &format!("http://{addr}/v1/traces"),
+        Signal::Traces,
+        Duration::from_secs(5),
+        &headers,
+        None,
+    )
+    .expect("transport");
+    let timeout = Duration::from_secs(5);
+    assert!(t.send(vec![1, 2, 3], timeout).is_ok());
+    let refused = t.send(vec![1], timeout).expect_err("400");
+    assert!(!refused.retryable, "{refused}");
+    let busy = t.send(vec![1], timeout).expect_err("503");
+    assert!(busy.retryable, "{busy}");
+    let heads = server.join().expect("server");
+    assert!(heads[0].starts_with("post /v1/traces "), "{}", heads[0]);
+    assert!(
+        heads[0].contains("authorization: bearer t0k\r\n"),
+        "{}",
+        heads[0]
+    );
+    assert!(heads[0].contains("x-tenant: a\r\n"), "{}", heads[0]);
+    assert!(heads[0].contains("content-type: application/x-protobuf\r\n"));
+    // Nothing listens any more: a connection error, worth a retry.
+    let gone = t.send(vec![1], timeout).expect_err("refused");
+    assert!(gone.retryable, "{gone}");
+}
+
+#[test]
+fn bad_endpoints_are_refused_at_start() {
+    for (protocol, url) in [
+        (OtlpProtocol::HttpProtobuf, "not a url"),
+        (OtlpProtocol::HttpProtobuf, "ftp://h/x"),
+    ] {
+        let err = Transport::new(
+            protocol,
+            url,
+            Signal::Traces,
+            Duration::from_secs(1),
+            &[],
+            None,
+        )
+        .expect_err(url);
+        assert!(err.to_string().contains("bad OTLP endpoint"), "{err}");
+    }
 }
