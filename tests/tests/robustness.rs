@@ -326,13 +326,11 @@ fn wall_ns() -> u64 {
 const OUTAGE: Duration = Duration::from_secs(60);
 /// Pause between two requests of the outage load (one client: modest load, ~50–80 req/s).
 const OUTAGE_PACE: Duration = Duration::from_millis(10);
-/// What the export side may hold while the backend is down: the dispatcher's channel, and
-/// per traced process the batch processor's queue, the batch being exported and the spans
-/// of failed exports kept for a retry (`tracer/src/export/otlp/mod.rs`: DISPATCH_QUEUE,
-/// OTLP_QUEUE_PER_RESOURCE; the SDK's default batch of 512; pipeline.rs: the retry buffer
-/// holds one queue's worth).
+/// What the export side may hold while the backend is down: the exporter thread's channel,
+/// and per traced process one queue holding new spans and those of failed exports alike
+/// (`tracer/src/export/otlp/mod.rs`: DISPATCH_QUEUE, OTLP_QUEUE_PER_RESOURCE).
 const DISPATCH_QUEUE: usize = 8192;
-const QUEUE_PER_RESOURCE: usize = 2048 + 512 + 2048;
+const QUEUE_PER_RESOURCE: usize = 2048;
 /// Spans of failed exports kept per traced process for the retry.
 const HELD_PER_RESOURCE: usize = 2048;
 /// Growth of the agent's RSS allowed over the outage: the queues above full of spans

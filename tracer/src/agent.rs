@@ -551,7 +551,6 @@ impl Agent {
         };
         self.builder.on_go(fact);
         self.builder.grpc_flush(&mut self.spans);
-        self.export_spans();
     }
 
     /// The worker's verdict on an executable: a supported Go binary gets its uprobes, and
@@ -634,18 +633,24 @@ impl Agent {
             self.builder
                 .on_event(event, &mut self.procs, &mut self.spans);
         }
-        self.export_spans();
+        // Exported once per ring drain (drain_ring_counted), not per record.
     }
 
+    /// Hands the finished spans over as one batch (one hand-off to the OTLP thread).
     fn export_spans(&mut self) {
+        if self.spans.is_empty() {
+            return;
+        }
         let now = Instant::now();
-        for span in self.spans.drain(..) {
+        for span in &self.spans {
             self.counters.spans += 1;
             if self.record_metrics {
-                self.metrics.record(&span, now);
+                self.metrics.record(span, now);
             }
-            self.exporter.export(span);
         }
+        let capacity = self.spans.len();
+        let spans = std::mem::replace(&mut self.spans, Vec::with_capacity(capacity));
+        self.exporter.export_batch(spans);
     }
 
     /// Handles at most RING_BATCH records; true when the ring is empty afterwards. Bounded so
@@ -658,10 +663,12 @@ impl Agent {
     fn drain_ring_counted(&mut self, ring: &mut RingBuf<MapData>) -> (usize, bool) {
         for handled in 0..RING_BATCH {
             let Some(item) = ring.next() else {
+                self.export_spans();
                 return (handled, true);
             };
             self.handle_record(&item);
         }
+        self.export_spans();
         (RING_BATCH, false)
     }
 

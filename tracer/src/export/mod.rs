@@ -43,20 +43,21 @@ pub struct ExportStats {
     pub spans_exported_console: u64,
     /// Spans accepted into an OTLP batch queue.
     pub spans_queued_otlp: u64,
-    /// Spans lost: a full queue, an unwritable stdout, an OTLP export that failed after the
-    /// exporter's retries, or spans offered after shutdown.
+    /// Spans lost: a full queue, an unwritable stdout, OTLP spans not delivered (the oldest
+    /// of a full queue while exports fail, refused by the backend, still queued at shutdown),
+    /// or spans offered after shutdown.
     pub spans_dropped: u64,
-    /// Traced processes (OTLP resources) with a live exporter now.
+    /// Traced processes (OTLP resources) the OTLP exporter knows now.
     pub resources: u64,
     /// Spans the OTLP backend accepted.
     pub spans_sent_otlp: u64,
     /// Of `spans_dropped`: spans that found an OTLP queue full.
     pub spans_dropped_queue_full: u64,
-    /// Of `spans_dropped`: spans of OTLP exports that failed.
+    /// Of `spans_dropped`: queued OTLP spans not delivered.
     pub spans_dropped_export_failed: u64,
-    /// OTLP exports (batches) that failed after the exporter's retries.
+    /// OTLP exports (requests) that failed; their spans are retried unless refused.
     pub export_errors: u64,
-    /// Spans inside the OTLP batch queues now.
+    /// Spans inside the OTLP queues now.
     pub otlp_queue_len: u64,
     /// What the console's trace trees did (zero without console output).
     pub(crate) tree: console::ConsoleTreeStats,
@@ -102,13 +103,20 @@ impl Exporter {
     /// Never blocks the caller (the event loop of the agent); drops and counts when queues are
     /// full.
     pub fn export(&self, span: FinishedSpan) {
-        if let Some(console) = &self.console
-            && !console.send_span(&span)
-        {
-            self.console_dropped.fetch_add(1, Ordering::Relaxed);
+        self.export_batch(vec![span]);
+    }
+
+    /// As [`Exporter::export`] for several spans: they reach the OTLP side as one hand-off.
+    pub fn export_batch(&self, spans: Vec<FinishedSpan>) {
+        if let Some(console) = &self.console {
+            for span in &spans {
+                if !console.send_span(span) {
+                    self.console_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         if let Some(otlp) = &self.otlp {
-            otlp.export(span);
+            otlp.export(spans);
         }
     }
 

@@ -1,16 +1,13 @@
-//! Span counters and rate-limited warnings, shared by the caller, the dispatcher and the
-//! exporters.
+//! Span counters and rate-limited warnings, shared by the caller and the exporter thread.
 
 use std::{
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use opentelemetry_sdk::error::OTelSdkResult;
+use super::{WARN_INTERVAL, transport::SendError};
 
-use super::WARN_INTERVAL;
-
-/// Counters and warning limits shared by the caller, the dispatcher and the exporters.
+/// Counters and warning limits shared by the caller and the exporter thread.
 #[derive(Debug)]
 pub(super) struct Shared {
     pub(super) queued: AtomicU64,
@@ -19,7 +16,7 @@ pub(super) struct Shared {
     pub(super) resources: AtomicU64,
     /// Of `dropped`: spans that found a queue full.
     pub(super) queue_full: AtomicU64,
-    /// Of `dropped`: spans of exports that failed after the exporter's retries.
+    /// Of `dropped`: queued spans that were not delivered (exports failing or refused).
     pub(super) failed_spans: AtomicU64,
     /// Exports (batches) that failed.
     pub(super) failed_exports: AtomicU64,
@@ -44,11 +41,15 @@ impl Shared {
         }
     }
 
-    pub(super) fn drop_span(&self, why: &'static str) {
-        let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+    /// Spans lost before they were queued.
+    pub(super) fn drop_spans(&self, spans: usize, why: &'static str) {
+        if spans == 0 {
+            return;
+        }
+        let total = self.dropped.fetch_add(spans as u64, Ordering::Relaxed) + spans as u64;
         // The callers name the reason in words; both queues' reasons end the same way.
         if why.ends_with("queue full") {
-            self.queue_full.fetch_add(1, Ordering::Relaxed);
+            self.queue_full.fetch_add(spans as u64, Ordering::Relaxed);
         }
         if let Some(suppressed) = self.drop_warn.check() {
             tracing::warn!(
@@ -60,64 +61,70 @@ impl Shared {
         }
     }
 
-    /// Exports are failing: batches are then kept for a retry.
-    pub(super) fn is_failing(&self) -> bool {
-        self.failing.load(Ordering::Relaxed)
-    }
-
-    /// A failed export whose spans are kept for the next one, but for the `dropped` oldest
-    /// that did not fit.
-    pub(super) fn export_held(
-        &self,
-        spans: usize,
-        dropped: usize,
-        e: &opentelemetry_sdk::error::OTelSdkError,
-    ) {
-        self.failed_exports.fetch_add(1, Ordering::Relaxed);
-        if dropped > 0 {
-            self.dropped.fetch_add(dropped as u64, Ordering::Relaxed);
-            self.failed_spans
-                .fetch_add(dropped as u64, Ordering::Relaxed);
+    /// Queued spans lost without being delivered: the oldest of a full queue while exports
+    /// fail, spans of a request the backend refused for good, spans still held at shutdown.
+    pub(super) fn drop_queued(&self, spans: usize, why: &'static str) {
+        if spans == 0 {
+            return;
         }
-        if let Some(suppressed) = self.export_warn.check() {
+        let total = self.dropped.fetch_add(spans as u64, Ordering::Relaxed) + spans as u64;
+        self.failed_spans.fetch_add(spans as u64, Ordering::Relaxed);
+        if let Some(suppressed) = self.drop_warn.check() {
             tracing::warn!(
-                error = %e,
-                spans,
-                dropped,
-                suppressed_failures = suppressed,
-                "OTLP export failed; spans kept for the next export, the oldest beyond the queue size dropped"
+                reason = why,
+                dropped_total = total,
+                suppressed,
+                "OTLP export is dropping spans"
             );
         }
     }
 
-    /// Held spans never delivered (the agent stops while the backend is down).
-    pub(super) fn drop_held(&self, spans: usize) {
-        self.dropped.fetch_add(spans as u64, Ordering::Relaxed);
-        self.failed_spans.fetch_add(spans as u64, Ordering::Relaxed);
+    /// An export the backend accepted, `rejected` of its `spans` excepted (partial success).
+    pub(super) fn export_ok(&self, spans: usize, rejected: usize, message: &str) {
+        let rejected = rejected.min(spans);
+        self.sent
+            .fetch_add((spans - rejected) as u64, Ordering::Relaxed);
+        if self.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!("OTLP export works again");
+        }
+        if rejected > 0 {
+            self.drop_queued(rejected, "rejected by the backend");
+            if let Some(suppressed) = self.export_warn.check() {
+                tracing::warn!(
+                    spans,
+                    rejected,
+                    message,
+                    suppressed_failures = suppressed,
+                    "OTLP export partly rejected by the backend"
+                );
+            }
+        }
     }
 
-    pub(super) fn export_done(&self, spans: usize, result: &OTelSdkResult) {
-        match result {
-            Ok(()) => {
-                self.sent.fetch_add(spans as u64, Ordering::Relaxed);
-                if self.failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!("OTLP export works again");
-                }
-            }
-            Err(e) => {
-                // The exporter already retried with backoff: these spans are lost.
-                self.dropped.fetch_add(spans as u64, Ordering::Relaxed);
-                self.failed_spans.fetch_add(spans as u64, Ordering::Relaxed);
-                self.failed_exports.fetch_add(1, Ordering::Relaxed);
-                self.failing.store(true, Ordering::Relaxed);
-                if let Some(suppressed) = self.export_warn.check() {
-                    tracing::warn!(
-                        error = %e,
-                        spans,
-                        suppressed_failures = suppressed,
-                        "OTLP export failed; spans dropped"
-                    );
-                }
+    /// A failed export. Retryable: its spans stay queued for the next attempt; otherwise they
+    /// are dropped (the backend refuses them, sending them again cannot help).
+    pub(super) fn export_failed(&self, spans: usize, error: &SendError) {
+        self.failed_exports.fetch_add(1, Ordering::Relaxed);
+        self.failing.store(true, Ordering::Relaxed);
+        if !error.retryable {
+            self.dropped.fetch_add(spans as u64, Ordering::Relaxed);
+            self.failed_spans.fetch_add(spans as u64, Ordering::Relaxed);
+        }
+        if let Some(suppressed) = self.export_warn.check() {
+            if error.retryable {
+                tracing::warn!(
+                    %error,
+                    spans,
+                    suppressed_failures = suppressed,
+                    "OTLP export failed; spans kept for a retry, the oldest beyond the queue size dropped"
+                );
+            } else {
+                tracing::warn!(
+                    %error,
+                    spans,
+                    suppressed_failures = suppressed,
+                    "OTLP export failed; spans dropped (the backend refused them)"
+                );
             }
         }
     }

@@ -1,249 +1,223 @@
-//! The dispatcher thread: routes each span to its resource's pipeline, creating pipelines on
-//! first use and retiring the least recently used and the idle ones.
+//! The exporter thread: takes the batches of spans the event loop hands over, queues them per
+//! resource ([`Batcher`]) and sends one request at a time when one is due, retrying what
+//! failed with a backoff. Sends block this thread only; while one is under way new spans wait
+//! in the channel (bounded by [`super::DISPATCH_QUEUE`] spans).
 
 use std::{
-    collections::HashMap,
     sync::{
         Arc,
-        atomic::Ordering,
-        mpsc::{Receiver, RecvTimeoutError, SyncSender},
+        atomic::{AtomicUsize, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError},
     },
-    thread,
     time::{Duration, Instant},
 };
 
-use opentelemetry::InstrumentationScope;
-use opentelemetry_sdk::trace::SpanProcessor as _;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use prost::Message as _;
 
 use super::{
-    MAX_RESOURCES, RESOURCE_IDLE_TIMEOUT, SWEEP_INTERVAL,
+    batcher::{Batch, Batcher},
     counters::Shared,
-    pipeline::{Entry, Factory},
-    scope, to_span_data,
+    transport::Transport,
 };
-use crate::{
-    export::SHUTDOWN_TIMEOUT,
-    span::model::{FinishedSpan, ProcessResource},
-};
-
-/// How often resources with spans of failed exports and no new traffic get them re-queued.
-const REQUEUE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Bounds of the resource table (constants in production, small in tests).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Limits {
-    pub(super) max_resources: usize,
-    pub(super) idle_timeout: Duration,
-    pub(super) sweep_interval: Duration,
-}
-
-impl Limits {
-    pub(super) const DEFAULT: Self = Self {
-        max_resources: MAX_RESOURCES,
-        idle_timeout: RESOURCE_IDLE_TIMEOUT,
-        sweep_interval: SWEEP_INTERVAL,
-    };
-}
+use crate::{export::SHUTDOWN_TIMEOUT, span::model::FinishedSpan};
 
 #[derive(Debug)]
 pub(super) enum Msg {
-    Span(FinishedSpan),
+    Spans(Vec<FinishedSpan>),
     Shutdown {
         deadline: Instant,
         done: SyncSender<()>,
     },
 }
 
-/// Owns the per-resource pipelines; runs on its own thread.
+/// How one export went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// Nothing was queued.
+    Idle,
+    Delivered,
+    /// Refused for good: its spans were dropped.
+    Refused,
+    /// Failed; its spans stay queued for a retry.
+    Failed,
+}
+
+/// Owns the queues and the transport; runs on its own thread.
 pub(super) struct Dispatcher {
-    factory: Factory,
+    pub(super) batcher: Batcher,
+    transport: Transport,
     shared: Arc<Shared>,
-    limits: Limits,
-    pub(super) entries: HashMap<ProcessResource, Entry>,
-    scope: InstrumentationScope,
+    /// Spans sent into the channel and not yet taken out (the sender's bound).
+    in_channel: Arc<AtomicUsize>,
+    timeout: Duration,
+    sweep_interval: Duration,
     next_sweep: Instant,
-    next_requeue: Instant,
+    /// Size of the last request, to allocate the next one at once.
+    last_request: usize,
 }
 
 impl Dispatcher {
-    pub(super) fn new(factory: Factory, shared: Arc<Shared>, limits: Limits) -> Self {
+    pub(super) fn new(
+        batcher: Batcher,
+        transport: Transport,
+        shared: Arc<Shared>,
+        in_channel: Arc<AtomicUsize>,
+        timeout: Duration,
+        sweep_interval: Duration,
+    ) -> Self {
         Self {
-            factory,
+            batcher,
+            transport,
             shared,
-            limits,
-            entries: HashMap::new(),
-            scope: scope(),
-            next_sweep: Instant::now() + limits.sweep_interval,
-            next_requeue: Instant::now() + REQUEUE_INTERVAL,
+            in_channel,
+            timeout,
+            sweep_interval,
+            next_sweep: Instant::now() + sweep_interval,
+            last_request: 0,
         }
     }
 
     pub(super) fn run(mut self, rx: &Receiver<Msg>) {
         loop {
-            let wait = self
-                .next_sweep
-                .min(self.next_requeue)
-                .saturating_duration_since(Instant::now());
-            match rx.recv_timeout(wait) {
-                Ok(Msg::Span(span)) => self.handle(span),
-                Ok(Msg::Shutdown { deadline, done }) => {
-                    // Spans that raced with the shutdown flag still get their chance.
-                    while let Ok(msg) = rx.try_recv() {
-                        if let Msg::Span(span) = msg {
-                            self.handle(span);
+            // Whatever is waiting first, so a request carries the newest spans too.
+            loop {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        if !self.handle(msg, rx) {
+                            return;
                         }
                     }
-                    let entries = self.entries.drain().map(|(_, e)| e).collect();
-                    self.shared.resources.store(0, Ordering::Relaxed);
-                    shutdown_all(entries, deadline);
-                    let _ = done.send(());
-                    return;
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    // The exporter was dropped without shutdown: flush in the background.
-                    let entries = self.entries.drain().map(|(_, e)| e).collect();
-                    shutdown_all(entries, Instant::now() + SHUTDOWN_TIMEOUT);
-                    return;
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        // The sink was dropped without a shutdown.
+                        self.flush(Instant::now() + SHUTDOWN_TIMEOUT);
+                        return;
+                    }
                 }
             }
             let now = Instant::now();
-            if now >= self.next_requeue {
-                self.next_requeue = now + REQUEUE_INTERVAL;
-                self.requeue_held();
-            }
             if now >= self.next_sweep {
-                self.next_sweep = now + self.limits.sweep_interval;
-                self.sweep(now);
+                self.next_sweep = now + self.sweep_interval;
+                self.batcher.sweep(now);
+                self.publish_resources();
             }
-        }
-    }
-
-    pub(super) fn handle(&mut self, span: FinishedSpan) {
-        let resource = Arc::clone(&span.resource);
-        if !self.entries.contains_key(&*resource) {
-            if self.entries.len() >= self.limits.max_resources {
-                self.evict_lru();
+            let due = self.batcher.next_export(now);
+            if due.is_some_and(|due| due <= now) {
+                self.export_once(now + self.timeout);
+                continue;
             }
-            match self.factory.pipeline(&resource, &self.shared) {
-                Ok(entry) => {
-                    tracing::debug!(service = %resource.service_name, pid = resource.pid, "new OTLP resource");
-                    self.entries.insert((*resource).clone(), entry);
-                    self.publish_resources();
-                }
-                Err(e) => {
-                    if let Some(suppressed) = self.shared.export_warn.check() {
-                        tracing::warn!(error = %e, suppressed_failures = suppressed, "cannot create an OTLP exporter");
+            // Nothing due: sleep until something is, a message comes, or the sweep.
+            let wake = due.map_or(self.next_sweep, |d| d.min(self.next_sweep));
+            match rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(msg) => {
+                    if !self.handle(msg, rx) {
+                        return;
                     }
-                    self.shared.drop_span("no exporter");
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.flush(Instant::now() + SHUTDOWN_TIMEOUT);
                     return;
                 }
             }
         }
-        let Some(entry) = self.entries.get_mut(&*resource) else {
-            return;
-        };
-        entry.last_used = Instant::now();
-        let before = entry.in_processor.fetch_add(1, Ordering::AcqRel);
-        if before >= self.factory.queue_size {
-            entry.in_processor.fetch_sub(1, Ordering::AcqRel);
-            self.shared.drop_span("per-resource queue full");
-            return;
-        }
-        entry.processor.on_end(to_span_data(span, &self.scope));
-        self.shared.queued.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Spans kept from failed exports ride along with the next batch; a resource that gets
-    /// no new span would hold them until it is retired. Those go back into their processor
-    /// (whose next export sends them, or keeps them again while the backend is still down).
-    pub(super) fn requeue_held(&mut self) {
-        for entry in self.entries.values() {
-            if entry.in_processor.load(Ordering::Acquire) > 0 {
-                // A batch is coming anyway and takes the held spans with it.
-                continue;
+    /// False once the thread is to end.
+    fn handle(&mut self, msg: Msg, rx: &Receiver<Msg>) -> bool {
+        match msg {
+            Msg::Spans(spans) => {
+                self.admit(spans);
+                true
             }
-            let held = entry.retry.take();
-            if held.is_empty() {
-                continue;
-            }
-            tracing::debug!(
-                spans = held.len(),
-                "re-queueing spans of failed OTLP exports"
-            );
-            entry.in_processor.fetch_add(held.len(), Ordering::AcqRel);
-            for span in held {
-                entry.processor.on_end(span);
+            Msg::Shutdown { deadline, done } => {
+                // Spans that raced with the shutdown flag still get their chance.
+                while let Ok(msg) = rx.try_recv() {
+                    if let Msg::Spans(spans) = msg {
+                        self.admit(spans);
+                    }
+                }
+                self.flush(deadline);
+                let _ = done.send(());
+                false
             }
         }
     }
 
-    fn evict_lru(&mut self) {
-        let Some(key) = self
-            .entries
-            .iter()
-            .min_by_key(|(_, e)| e.last_used)
-            .map(|(k, _)| k.clone())
-        else {
-            return;
-        };
-        if let Some(entry) = self.entries.remove(&key) {
-            tracing::debug!(service = %key.service_name, pid = key.pid, "OTLP resource limit reached; retiring the least recently used one");
-            self.retire(vec![entry]);
+    pub(super) fn admit(&mut self, spans: Vec<FinishedSpan>) {
+        self.in_channel.fetch_sub(spans.len(), Ordering::AcqRel);
+        let now = Instant::now();
+        for s in spans {
+            self.batcher.admit(s, now, &self.shared);
         }
-    }
-
-    pub(super) fn sweep(&mut self, now: Instant) {
-        let idle: Vec<ProcessResource> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| now.duration_since(e.last_used) >= self.limits.idle_timeout)
-            .map(|(k, _)| k.clone())
-            .collect();
-        let retired: Vec<Entry> = idle.iter().filter_map(|k| self.entries.remove(k)).collect();
-        if !retired.is_empty() {
-            tracing::debug!(count = retired.len(), "retiring idle OTLP resources");
-            self.retire(retired);
-        }
-    }
-
-    /// Flushes and stops pipelines off the dispatcher thread: a flush can take as long as the
-    /// export timeout when the backend is down, and the dispatcher must keep admitting spans.
-    fn retire(&self, entries: Vec<Entry>) {
         self.publish_resources();
-        let spawned = thread::Builder::new()
-            .name("difytrace-otlp-retire".into())
-            .spawn(move || shutdown_all(entries, Instant::now() + SHUTDOWN_TIMEOUT));
-        if let Err(e) = spawned {
-            // The entries went down with the closure: their processor threads see the closed
-            // channel and exit, losing what they held.
-            tracing::warn!(error = %e, "cannot spawn a thread to flush retired OTLP resources");
+    }
+
+    /// Sends the next batch, waiting at most until `deadline`.
+    pub(super) fn export_once(&mut self, deadline: Instant) -> Outcome {
+        let Some(batch) = self.batcher.next_batch() else {
+            return Outcome::Idle;
+        };
+        let mut body = Vec::with_capacity(self.last_request);
+        self.batcher.encode(&batch, &mut body);
+        self.last_request = body.len();
+        let now = Instant::now();
+        let timeout = self.timeout.min(deadline.saturating_duration_since(now));
+        let outcome = match self.transport.send(body, timeout) {
+            Ok(reply) => {
+                self.delivered(&batch, &reply);
+                Outcome::Delivered
+            }
+            Err(error) => {
+                self.shared.export_failed(batch.spans, &error);
+                if error.retryable {
+                    self.batcher.failed(&batch);
+                    Outcome::Failed
+                } else {
+                    self.batcher.sent(&batch);
+                    Outcome::Refused
+                }
+            }
+        };
+        self.batcher
+            .attempted(outcome == Outcome::Delivered, Instant::now());
+        outcome
+    }
+
+    fn delivered(&mut self, batch: &Batch, reply: &[u8]) {
+        // A reply that does not decode still means the request was taken.
+        let partial = ExportTraceServiceResponse::decode(reply)
+            .ok()
+            .and_then(|r| r.partial_success);
+        let (rejected, message) = partial.map_or((0, String::new()), |p| {
+            (
+                usize::try_from(p.rejected_spans).unwrap_or(0),
+                p.error_message,
+            )
+        });
+        self.shared.export_ok(batch.spans, rejected, &message);
+        self.batcher.sent(batch);
+    }
+
+    /// Sends everything queued until done, the backend fails, or `deadline`; what is left is
+    /// dropped and counted.
+    pub(super) fn flush(&mut self, deadline: Instant) {
+        while Instant::now() < deadline {
+            match self.export_once(deadline) {
+                Outcome::Idle | Outcome::Failed => break,
+                Outcome::Delivered | Outcome::Refused => {}
+            }
         }
+        let left = self.batcher.clear();
+        self.shared
+            .drop_queued(left, "not delivered before the shutdown deadline");
+        self.publish_resources();
     }
 
     fn publish_resources(&self) {
         self.shared
             .resources
-            .store(self.entries.len() as u64, Ordering::Relaxed);
+            .store(self.batcher.resources() as u64, Ordering::Relaxed);
     }
-}
-
-/// Shuts the processors down in parallel, so the whole takes one timeout, not one per
-/// resource.
-pub(super) fn shutdown_all(entries: Vec<Entry>, deadline: Instant) {
-    if entries.is_empty() {
-        return;
-    }
-    let timeout = deadline.saturating_duration_since(Instant::now());
-    thread::scope(|s| {
-        for entry in &entries {
-            let spawned = thread::Builder::new()
-                .name("difytrace-otlp-flush".into())
-                .spawn_scoped(s, move || entry.processor.shutdown_with_timeout(timeout));
-            if spawned.is_err() {
-                // Out of threads: flush this one here instead.
-                let _ = entry.processor.shutdown_with_timeout(timeout);
-            }
-        }
-    });
 }

@@ -1,50 +1,63 @@
-//! Where spans go: the configured endpoint and the OTEL_EXPORTER_OTLP_* variables, resolved.
+//! Where spans go: the configured endpoint and the OTEL_EXPORTER_OTLP_* variables, resolved
+//! per the OTLP exporter spec.
 
 use std::env;
 
 use super::{HTTP_TRACES_PATH, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT};
 use crate::cli::OtlpProtocol;
 
-/// Where and how to send, after applying the precedence rules; `endpoint: None` leaves the
-/// endpoint to the crate (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT,
-/// default).
+const DEFAULT_GRPC: &str = "http://localhost:4317";
+const DEFAULT_HTTP: &str = "http://localhost:4318/v1/traces";
+
+/// Where and how to send, after applying the precedence rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Target {
     pub(super) protocol: OtlpProtocol,
-    pub(super) endpoint: Option<String>,
+    /// The gRPC endpoint, or the full URL http/protobuf posts to.
+    pub(super) url: String,
 }
 
 impl Target {
+    /// Precedence: an endpoint given on the command line; the signal's variable (verbatim);
+    /// the generic variable (a base URL for http/protobuf); the spec's default.
     pub(super) fn resolve(
         protocol: OtlpProtocol,
         configured: Option<&str>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Self {
         let configured = configured.map(str::trim).filter(|e| !e.is_empty());
-        let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
-        let endpoint = match configured {
-            // The configured endpoint is usually OTEL_EXPORTER_OTLP_ENDPOINT read by clap. The
-            // spec lets the signal-specific variable win over that one, so in that case the
-            // crate resolves it (verbatim, no path appended).
-            Some(ep)
-                if env(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT).is_some()
-                    && env(OTEL_EXPORTER_OTLP_ENDPOINT).as_deref().map(str::trim) == Some(ep) =>
-            {
-                None
-            }
-            Some(ep) => Some(match protocol {
-                OtlpProtocol::Grpc => ep.to_string(),
-                OtlpProtocol::HttpProtobuf => http_traces_url(ep),
-            }),
-            None => None,
+        let env = |name: &str| {
+            env(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
         };
-        Self { protocol, endpoint }
+        let traces = env(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT);
+        let generic = env(OTEL_EXPORTER_OTLP_ENDPOINT);
+        // The configured endpoint is usually OTEL_EXPORTER_OTLP_ENDPOINT read by clap; the
+        // spec lets the signal's variable win over that one.
+        let base = match configured {
+            Some(ep) if traces.is_some() && generic.as_deref() == Some(ep) => None,
+            Some(ep) => Some(ep.to_string()),
+            None if traces.is_some() => None,
+            None => generic,
+        };
+        let url = match (base, traces) {
+            (Some(base), _) => match protocol {
+                OtlpProtocol::Grpc => base,
+                OtlpProtocol::HttpProtobuf => http_traces_url(&base),
+            },
+            (None, Some(traces)) => traces,
+            (None, None) => match protocol {
+                OtlpProtocol::Grpc => DEFAULT_GRPC.to_string(),
+                OtlpProtocol::HttpProtobuf => DEFAULT_HTTP.to_string(),
+            },
+        };
+        Self { protocol, url }
     }
 }
 
-/// The configured endpoint has the meaning of OTEL_EXPORTER_OTLP_ENDPOINT: a base URL to which
-/// the signal path is appended. The crate posts to a programmatic endpoint verbatim, so the
-/// path is appended here unless it is already there.
+/// A base URL (the meaning of OTEL_EXPORTER_OTLP_ENDPOINT) with the signal path appended,
+/// unless it is already there.
 pub(super) fn http_traces_url(base: &str) -> String {
     let base = base.trim_end_matches('/');
     if base.ends_with(HTTP_TRACES_PATH) {

@@ -14,18 +14,18 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, metrics_service_client::MetricsServiceClient,
-};
 use prost::Message as _;
 
-use super::{OtlpError, counters::RateLimit, metrics_encode::encode};
+use super::{
+    OtlpError, Settings,
+    counters::RateLimit,
+    metrics_encode::encode,
+    transport::{Signal, Transport},
+};
 use crate::{cli::OtlpProtocol, metrics::Snapshot};
 
 /// Snapshots waiting for the exporter thread.
 pub const QUEUE: usize = 2;
-/// Longest one export may take.
-pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Signal-specific endpoint, used verbatim when set (the OTLP exporter spec).
 pub const OTEL_EXPORTER_OTLP_METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
 const HTTP_METRICS_PATH: &str = "/v1/metrics";
@@ -71,45 +71,6 @@ pub struct MetricsExportStats {
     pub dropped: u64,
 }
 
-enum Transport {
-    Grpc {
-        client: MetricsServiceClient<tonic::transport::Channel>,
-        runtime: tokio::runtime::Handle,
-    },
-    Http {
-        client: reqwest::blocking::Client,
-        url: String,
-    },
-}
-
-impl Transport {
-    fn send(&mut self, request: ExportMetricsServiceRequest) -> Result<(), String> {
-        match self {
-            Transport::Grpc { client, runtime } => {
-                let call = client.export(request);
-                runtime
-                    .block_on(async { tokio::time::timeout(EXPORT_TIMEOUT, call).await })
-                    .map_err(|_| "timed out".to_string())?
-                    .map(drop)
-                    .map_err(|status| format!("{}: {}", status.code(), status.message()))
-            }
-            Transport::Http { client, url } => {
-                let response = client
-                    .post(url.as_str())
-                    .header("content-type", "application/x-protobuf")
-                    .body(request.encode_to_vec())
-                    .send()
-                    .map_err(|e| e.to_string())?;
-                if response.status().is_success() {
-                    Ok(())
-                } else {
-                    Err(format!("HTTP {}", response.status()))
-                }
-            }
-        }
-    }
-}
-
 /// The OTLP metrics exporter.
 #[derive(Debug)]
 pub struct MetricsSink {
@@ -122,48 +83,23 @@ pub struct MetricsSink {
 impl MetricsSink {
     /// Called inside the agent's tokio runtime (gRPC runs on it).
     pub fn new(protocol: OtlpProtocol, endpoint: String, host: String) -> Result<Self, OtlpError> {
-        let transport = match protocol {
-            OtlpProtocol::Grpc => {
-                let runtime =
-                    tokio::runtime::Handle::try_current().map_err(|_| OtlpError::NoRuntime)?;
-                let channel = {
-                    let _guard = runtime.enter();
-                    tonic::transport::Channel::from_shared(endpoint.clone())
-                        .map_err(|e| OtlpError::Endpoint(e.to_string()))?
-                        .timeout(EXPORT_TIMEOUT)
-                        .connect_lazy()
-                };
-                Transport::Grpc {
-                    client: MetricsServiceClient::new(channel),
-                    runtime,
-                }
-            }
-            OtlpProtocol::HttpProtobuf => {
-                // Built on a plain thread: the blocking client must not be created or dropped
-                // inside the async context the caller is in.
-                let client = thread::scope(|s| {
-                    s.spawn(|| {
-                        reqwest::blocking::Client::builder()
-                            .timeout(EXPORT_TIMEOUT)
-                            .build()
-                    })
-                    .join()
-                })
-                .map_err(|_| OtlpError::Panicked)?
-                .map_err(|e| OtlpError::Endpoint(e.to_string()))?;
-                Transport::Http {
-                    client,
-                    url: endpoint.clone(),
-                }
-            }
-        };
+        // OTEL_EXPORTER_OTLP_[METRICS_]HEADERS and _TIMEOUT, as for spans.
+        let settings =
+            Settings::from_env("METRICS", Duration::ZERO, |name| std::env::var(name).ok());
+        let transport = Transport::new_off_runtime(
+            protocol,
+            &endpoint,
+            Signal::Metrics,
+            settings.timeout,
+            &settings.headers,
+        )?;
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let handle = thread::Builder::new()
             .name("difytrace-metrics".into())
             .spawn({
                 let counters = Arc::clone(&counters);
-                move || run(&rx, transport, &counters, &host)
+                move || run(&rx, transport, settings.timeout, &counters, &host)
             })
             .map_err(|source| OtlpError::Spawn {
                 name: "difytrace-metrics",
@@ -224,13 +160,19 @@ impl MetricsSink {
     }
 }
 
-fn run(rx: &Receiver<Snapshot>, mut transport: Transport, counters: &Counters, host: &str) {
+fn run(
+    rx: &Receiver<Snapshot>,
+    mut transport: Transport,
+    timeout: Duration,
+    counters: &Counters,
+    host: &str,
+) {
     let agent_start = SystemTime::now();
     let warn = RateLimit::new(Duration::from_secs(30));
     while let Ok(snapshot) = rx.recv() {
         let request = encode(&snapshot, SystemTime::now(), agent_start, host);
-        match transport.send(request) {
-            Ok(()) => {
+        match transport.send(request.encode_to_vec(), timeout) {
+            Ok(_reply) => {
                 counters.exports.fetch_add(1, Ordering::Relaxed);
             }
             Err(err) => {

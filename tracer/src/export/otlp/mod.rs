@@ -1,59 +1,62 @@
-//! OTLP exporter (gRPC or http/protobuf) on top of the opentelemetry SDK.
+//! OTLP span export (gRPC or http/protobuf), encoded directly from our spans.
 //!
-//! Spans are not produced through the OpenTelemetry tracing API: each [`FinishedSpan`] is
-//! converted to an SDK [`SpanData`] and handed to a [`BatchSpanProcessor`], which batches it
-//! and drives an `opentelemetry-otlp` exporter (retries with backoff included).
-//!
-//! An OTLP exporter carries exactly one resource, and every traced process is its own resource,
-//! so there is one processor + exporter per distinct [`ProcessResource`], created on first use,
-//! bounded by [`MAX_RESOURCES`] and retired when idle. A dispatcher thread owns them; the
-//! caller only pays for a `try_send` into a bounded queue.
-//!
-//! [`SpanData`]: opentelemetry_sdk::trace::SpanData
-//! [`BatchSpanProcessor`]: opentelemetry_sdk::trace::BatchSpanProcessor
-//! [`ProcessResource`]: crate::span::model::ProcessResource
+//! The event loop hands spans over in batches (one channel message per drain, never
+//! blocking: a full channel drops and counts). One exporter thread ([`dispatch`]) moves each
+//! span into its protobuf form, queues it under its process's resource ([`batcher`]: every
+//! traced process is its own OTLP resource, built once) and sends one
+//! `ExportTraceServiceRequest` carrying the spans of every resource with spans waiting, when
+//! a batch is full or the schedule delay has passed ([`transport`], shared with the metrics
+//! exporter). Failed requests stay queued and are sent again with a backoff, within the
+//! per-resource bound.
 
-mod convert;
+mod batcher;
 mod counters;
 mod dispatch;
 mod endpoint;
 pub mod metrics;
 mod metrics_encode;
-mod pipeline;
+mod settings;
+mod span_encode;
 #[cfg(test)]
 mod tests;
+pub(crate) mod transport;
 
 use std::{
     env, io,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc::{self, SyncSender, TrySendError},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
-use opentelemetry_otlp::ExporterBuildError;
 use thiserror::Error;
 
-pub(crate) use convert::{otel_resource, scope, to_span_data};
 pub(crate) use endpoint::env_requests_otlp;
+pub(crate) use settings::Settings;
 
 use crate::{cli::OtlpProtocol, span::model::FinishedSpan};
+use batcher::{Batcher, Limits};
 use counters::Shared;
-use dispatch::{Dispatcher, Limits, Msg};
+use dispatch::{Dispatcher, Msg};
 use endpoint::Target;
-use pipeline::Factory;
+use transport::{Signal, Transport};
 
-/// Most traced processes with a live exporter at once. Each one costs a thread (the SDK's
-/// batch processor) and a connection; beyond it the least recently used one is retired.
+/// Most traced processes with spans queued or sent recently; beyond it the least recently
+/// used one without queued spans is forgotten.
 pub const MAX_RESOURCES: usize = 256;
-/// Spans waiting in one resource's batch processor (default; `OTEL_BSP_MAX_QUEUE_SIZE` wins).
-pub const OTLP_QUEUE_PER_RESOURCE: usize = 2048;
-/// Spans waiting for the dispatcher thread.
+/// Spans held per traced process, waiting or kept from failed exports (default;
+/// `OTEL_BSP_MAX_QUEUE_SIZE` wins). Beyond it: while exports fail, the oldest is dropped for
+/// the new one; otherwise the new one is dropped.
+pub const OTLP_QUEUE_PER_RESOURCE: usize = settings::DEFAULT_MAX_QUEUE;
+/// Spans handed over by the event loop and not yet taken by the exporter thread.
 pub const DISPATCH_QUEUE: usize = 8192;
-/// A resource that exported nothing for this long (typically an exited process) is retired.
+/// Batches (channel messages) in flight to the exporter thread; the span bound above is the
+/// one that matters.
+const DISPATCH_MESSAGES: usize = 1024;
+/// A resource that queued nothing for this long (typically an exited process) is forgotten.
 pub const RESOURCE_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often idle resources are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
@@ -65,8 +68,7 @@ const WARN_INTERVAL: Duration = Duration::from_secs(30);
 
 const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 pub(crate) const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
-const OTEL_BSP_MAX_QUEUE_SIZE: &str = "OTEL_BSP_MAX_QUEUE_SIZE";
-const OTEL_BSP_SCHEDULE_DELAY: &str = "OTEL_BSP_SCHEDULE_DELAY";
+const OTEL_RESOURCE_ATTRIBUTES: &str = "OTEL_RESOURCE_ATTRIBUTES";
 const HTTP_TRACES_PATH: &str = "/v1/traces";
 
 /// Errors setting up OTLP export.
@@ -74,8 +76,6 @@ const HTTP_TRACES_PATH: &str = "/v1/traces";
 pub enum OtlpError {
     #[error("the gRPC exporter needs a tokio runtime: create the exporter inside one")]
     NoRuntime,
-    #[error("cannot build the OTLP span exporter")]
-    Build(#[from] ExporterBuildError),
     #[error("cannot spawn thread {name}")]
     Spawn {
         name: &'static str,
@@ -91,13 +91,13 @@ pub enum OtlpError {
 /// Span counters of the OTLP side, since start.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct OtlpCounters {
-    /// Spans accepted into a resource's batch queue.
+    /// Spans accepted into a resource's queue.
     pub(crate) queued: u64,
     /// Spans the backend accepted.
     pub(crate) sent: u64,
     /// Spans lost, for any reason.
     pub(crate) dropped: u64,
-    /// Resources with a live exporter now.
+    /// Resources (traced processes) known to the exporter now.
     pub(crate) resources: u64,
     /// Of `dropped`: a queue was full.
     pub(crate) queue_full: u64,
@@ -112,66 +112,100 @@ pub(crate) struct OtlpCounters {
 pub(crate) struct OtlpSink {
     tx: SyncSender<Msg>,
     shared: Arc<Shared>,
+    /// Spans in the channel (bounded by [`DISPATCH_QUEUE`]).
+    in_channel: Arc<AtomicUsize>,
     closed: AtomicBool,
     dispatcher: Mutex<Option<JoinHandle<()>>>,
     target: Target,
 }
 
 impl OtlpSink {
-    /// `endpoint` is the configured one (None: the crate reads the environment).
+    /// `endpoint` is the configured one (None: OTEL_EXPORTER_OTLP_* or the default).
     pub(crate) fn new(protocol: OtlpProtocol, endpoint: Option<&str>) -> Result<Self, OtlpError> {
-        let target = Target::resolve(protocol, endpoint, |name| env::var(name).ok());
-        let queue_size = env::var(OTEL_BSP_MAX_QUEUE_SIZE)
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(OTLP_QUEUE_PER_RESOURCE);
-        let factory = Factory {
-            target: target.clone(),
-            queue_size,
-        };
-        // tonic's lazily connected channel spawns its connection tasks on the runtime that is
-        // current when the exporter is built; exporters are built on the dispatcher thread,
-        // which enters this handle for that. The SDK's batch thread then only awaits replies.
+        let env = |name: &str| env::var(name).ok();
+        let target = Target::resolve(protocol, endpoint, env);
+        let settings = Settings::from_env("TRACES", DEFAULT_SCHEDULED_DELAY, env);
+        let env_attrs = env(OTEL_RESOURCE_ATTRIBUTES)
+            .map(|v| settings::key_values(&v))
+            .unwrap_or_default();
+        // tonic's lazily connected channel runs its connection tasks on the agent's runtime;
+        // the exporter thread only waits for replies.
         let runtime = tokio::runtime::Handle::try_current().ok();
         if protocol == OtlpProtocol::Grpc && runtime.is_none() {
             return Err(OtlpError::NoRuntime);
         }
-
-        // Build one exporter up front so a bad endpoint or OTEL_* value fails the start, not
-        // the first span. On a plain thread: the blocking HTTP client must not be dropped
-        // inside the async context the caller is in.
-        thread::scope(|s| -> Result<(), OtlpError> {
-            let handle = thread::Builder::new()
-                .name("difytrace-otlp-check".into())
-                .spawn_scoped(s, || {
-                    let _rt = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                    factory.exporter().map(drop)
-                })
-                .map_err(|source| OtlpError::Spawn {
-                    name: "difytrace-otlp-check",
-                    source,
-                })?;
-            handle.join().map_err(|_| OtlpError::Panicked)??;
-            Ok(())
-        })?;
-
+        let limits = Limits {
+            max_queue: settings.max_queue,
+            max_batch: settings.max_batch,
+            schedule_delay: settings.schedule_delay,
+            max_resources: MAX_RESOURCES,
+            idle_timeout: RESOURCE_IDLE_TIMEOUT,
+        };
         let shared = Arc::new(Shared::new());
-        let (tx, rx) = mpsc::sync_channel(DISPATCH_QUEUE);
-        let dispatcher = Dispatcher::new(factory, Arc::clone(&shared), Limits::DEFAULT);
+        let in_channel = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::sync_channel(DISPATCH_MESSAGES);
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let handle = thread::Builder::new()
             .name("difytrace-otlp".into())
-            .spawn(move || {
-                let _rt = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                dispatcher.run(&rx);
+            .spawn({
+                let (shared, in_channel, url) = (
+                    Arc::clone(&shared),
+                    Arc::clone(&in_channel),
+                    target.url.clone(),
+                );
+                move || {
+                    // Built here, on a plain thread: the blocking HTTP client must not be
+                    // created or dropped inside the caller's async context.
+                    let transport = Transport::new(
+                        protocol,
+                        &url,
+                        Signal::Traces,
+                        settings.timeout,
+                        &settings.headers,
+                        runtime,
+                    );
+                    let transport = match transport {
+                        Ok(t) => {
+                            let _ = ready_tx.send(Ok(()));
+                            t
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let batcher = Batcher::new(limits, env_attrs);
+                    Dispatcher::new(
+                        batcher,
+                        transport,
+                        shared,
+                        in_channel,
+                        settings.timeout,
+                        SWEEP_INTERVAL,
+                    )
+                    .run(&rx);
+                }
             })
             .map_err(|source| OtlpError::Spawn {
                 name: "difytrace-otlp",
                 source,
             })?;
+        // A bad endpoint fails the start, not the first export.
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = handle.join();
+                return Err(OtlpError::Panicked);
+            }
+        }
         Ok(Self {
             tx,
             shared,
+            in_channel,
             closed: AtomicBool::new(false),
             dispatcher: Mutex::new(Some(handle)),
             target,
@@ -184,22 +218,37 @@ impl OtlpSink {
             OtlpProtocol::Grpc => "grpc",
             OtlpProtocol::HttpProtobuf => "http/protobuf",
         };
-        match &self.target.endpoint {
-            Some(ep) => format!("{protocol} {ep}"),
-            None => format!("{protocol} (endpoint from OTEL_EXPORTER_OTLP_* or default)"),
-        }
+        format!("{protocol} {}", self.target.url)
     }
 
-    pub(crate) fn export(&self, span: FinishedSpan) {
-        if self.closed.load(Ordering::Relaxed) {
-            self.shared.drop_span("exporter shut down");
+    /// Hands `spans` to the exporter thread as one message. Never blocks: what does not fit
+    /// into the channel is dropped and counted.
+    pub(crate) fn export(&self, mut spans: Vec<FinishedSpan>) {
+        if spans.is_empty() {
             return;
         }
-        match self.tx.try_send(Msg::Span(span)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.shared.drop_span("dispatch queue full"),
-            Err(TrySendError::Disconnected(_)) => self.shared.drop_span("dispatcher gone"),
+        if self.closed.load(Ordering::Relaxed) {
+            self.shared.drop_spans(spans.len(), "exporter shut down");
+            return;
         }
+        let room = DISPATCH_QUEUE.saturating_sub(self.in_channel.load(Ordering::Acquire));
+        if spans.len() > room {
+            self.shared
+                .drop_spans(spans.len() - room, "dispatch queue full");
+            spans.truncate(room);
+            if spans.is_empty() {
+                return;
+            }
+        }
+        let n = spans.len();
+        self.in_channel.fetch_add(n, Ordering::AcqRel);
+        let why = match self.tx.try_send(Msg::Spans(spans)) {
+            Ok(()) => return,
+            Err(TrySendError::Full(_)) => "dispatch queue full",
+            Err(TrySendError::Disconnected(_)) => "dispatcher gone",
+        };
+        self.in_channel.fetch_sub(n, Ordering::AcqRel);
+        self.shared.drop_spans(n, why);
     }
 
     pub(crate) fn counters(&self) -> OtlpCounters {
@@ -216,24 +265,34 @@ impl OtlpSink {
         }
     }
 
-    /// Flushes every resource's queue and stops, returning by `deadline` at the latest.
+    /// Sends what is queued and stops, returning by `deadline` at the latest.
     pub(crate) fn shutdown(&self, deadline: Instant) {
         if self.closed.swap(true, Ordering::Relaxed) {
             return;
         }
         let (done_tx, done_rx) = mpsc::sync_channel(1);
-        // Blocking send: the dispatcher never blocks for long, so room comes soon; if it is
-        // gone the send fails at once.
-        if self
-            .tx
-            .send(Msg::Shutdown {
-                deadline,
-                done: done_tx,
-            })
-            .is_err()
-        {
-            tracing::warn!("OTLP dispatcher already gone at shutdown");
-            return;
+        // The channel may be full while the exporter thread is inside a send: wait for room,
+        // but not past the deadline.
+        let mut msg = Msg::Shutdown {
+            deadline,
+            done: done_tx,
+        };
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    msg = back;
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(TrySendError::Full(_)) => {
+                    tracing::warn!("OTLP export not flushed before the shutdown deadline");
+                    return;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    tracing::warn!("OTLP exporter thread already gone at shutdown");
+                    return;
+                }
+            }
         }
         let wait = deadline.saturating_duration_since(Instant::now());
         if done_rx.recv_timeout(wait).is_err() {
@@ -248,7 +307,7 @@ impl OtlpSink {
         if let Some(handle) = handle
             && handle.join().is_err()
         {
-            tracing::warn!("OTLP dispatcher thread panicked");
+            tracing::warn!("OTLP exporter thread panicked");
         }
     }
 }
