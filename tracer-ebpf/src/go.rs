@@ -235,16 +235,26 @@ pub fn go_roundtrip_enter(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// The fd of the `net.Conn` interface value at `conn`, taking its data for a `*net.TCPConn`
-/// (conn → netFD → pfd.Sysfd); None when a read fails or the number is no fd.
+/// `poll.FD.Sysfd` of a closed netFD (Go's `badFD`).
+pub(crate) const CLOSED_SYSFD: i64 = -1;
+
+/// `pfd.Sysfd` of the `net.Conn` interface value at `conn`, taking its data for a
+/// `*net.TCPConn` (conn → netFD → pfd.Sysfd); None when a read fails.
 #[inline(always)]
-pub(crate) fn net_conn_fd(conn: Option<u64>, off: &GoOffsets) -> Option<i32> {
+pub(crate) fn net_conn_sysfd(conn: Option<u64>, off: &GoOffsets) -> Option<i64> {
     // net.Conn interface: (itab, data).
     let tcp_conn: u64 = conn.and_then(|a| read_user(a + 8))?;
     let netfd: u64 = field(tcp_conn, off.net_conn_fd).and_then(read_user)?;
-    let sysfd: i64 = field(netfd, off.net_fd_pfd)
+    field(netfd, off.net_fd_pfd)
         .and_then(|p| field(p, off.poll_fd_sysfd))
-        .and_then(read_user)?;
+        .and_then(read_user)
+}
+
+/// The fd of the `net.Conn` interface value at `conn` (see [`net_conn_sysfd`]); None when a
+/// read fails or the number is no fd.
+#[inline(always)]
+pub(crate) fn net_conn_fd(conn: Option<u64>, off: &GoOffsets) -> Option<i32> {
+    let sysfd = net_conn_sysfd(conn, off)?;
     (0..=i32::MAX as i64)
         .contains(&sysfd)
         .then_some(sysfd as i32)

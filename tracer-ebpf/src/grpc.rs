@@ -24,7 +24,7 @@ use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use tracer_common::{GoOffsets, counter, go_op, role, sock_key};
 
 use crate::{
-    go::{emit, field, go_string, net_conn_fd, read_user, regs, setup},
+    go::{CLOSED_SYSFD, emit, field, go_string, net_conn_sysfd, read_user, regs, setup},
     util::{SOCKETS, bump},
 };
 
@@ -32,7 +32,17 @@ use crate::{
 /// that the syscall hooks follow.
 #[inline(always)]
 fn conn_fd(tgid: u32, conn_field: Option<u64>, off: &GoOffsets) -> Option<i32> {
-    let Some(fd) = net_conn_fd(conn_field, off) else {
+    let sysfd = net_conn_sysfd(conn_field, off);
+    // grpc-go closes a transport's connection before the streams still open on it (a
+    // client's Close, a transport that failed): a hook on a closed connection, no socket
+    // missed.
+    if sysfd == Some(CLOSED_SYSFD) {
+        return None;
+    }
+    let Some(fd) = sysfd
+        .filter(|fd| (0..=i64::from(i32::MAX)).contains(fd))
+        .map(|fd| fd as i32)
+    else {
         bump(counter::GRPC_NO_SOCKET);
         return None;
     };

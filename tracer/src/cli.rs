@@ -101,10 +101,11 @@ pub struct Cli {
     /// make unreliable.
     #[arg(long)]
     pub no_go: bool,
-    /// Also put uprobes on the RET instructions of net/http's and gin's handlers, for
-    /// `difytrace.handler.duration_ns` (the handler's own run time) on net/http SERVER spans.
-    /// Off by default: each RET probe costs the traced request a breakpoint plus a
-    /// single-step trap (docs/benchmarks.md); the gin route is reported without it.
+    /// Also put uprobes on the RET instructions of net/http's, gin's and grpc-go's handlers,
+    /// for `difytrace.handler.duration_ns` (the handler's own run time) on net/http SERVER
+    /// spans. Off by default: each RET probe costs the traced request a breakpoint plus a
+    /// single-step trap (docs/benchmarks.md); the gin route and the gRPC handler's end are
+    /// reported without it.
     #[arg(long)]
     pub go_handler_returns: bool,
     /// No uprobes on greenlet's switch: gevent processes (many requests per OS thread) are

@@ -57,7 +57,7 @@ pub const HOOKS: [Hook; 10] = [
     Hook {
         function: "google.golang.org/grpc.(*Server).handleStream",
         entry: "go_grpc_server_enter",
-        ret: Some(Return::Rets("go_grpc_server_ret")),
+        ret: Some(Return::HandlerRets("go_grpc_server_ret")),
         needs: &[
             Field::GrpcServerStreamStream,
             Field::GrpcStreamMethod,
@@ -151,8 +151,9 @@ pub enum Return {
     /// VMs measured (docs/benchmarks.md).
     Rets(&'static str),
     /// Like `Rets`, but only with `--go-handler-returns`: what it adds (net/http's handler
-    /// duration; gin's route, which the next syscall reports anyway) is not worth its cost
-    /// on every request by default.
+    /// duration; gin's route, which the next syscall reports anyway; grpc-go's handler end,
+    /// which its status write on the same goroutine gives a moment earlier) is not worth its
+    /// cost on every request by default.
     HandlerRets(&'static str),
     /// A uretprobe at the entry probe, for a function that runs on the system stack (g0's,
     /// which Go never moves): its return costs a syscall, not a breakpoint and a single-step.

@@ -36,7 +36,7 @@ use crate::{
         h2_attrs,
         model::{AttrValue, FinishedSpan, SpanStatus},
     },
-    stream::{ConnKey, ExecCtx, Role, goroutine_ctx},
+    stream::{ConnKey, ExecCtx, Role, goroutine_ctx, goroutine_of},
 };
 
 /// Connections (tgid, fd) with facts at once; beyond it all are dropped and counted.
@@ -50,10 +50,17 @@ pub const MAX_HELD: usize = 16_384;
 /// How long a CLIENT span waits for the status its process read.
 pub const HOLD_NS: u64 = 2_000_000_000;
 
-/// A stream of a connection grpc-go serves, before its handler starts: a context of its own
-/// (bit 62 is never set in a user-space goroutine address).
+/// Bit 62 of a placeholder's goroutine: never set in a user-space goroutine address.
+const PLACEHOLDER_BIT: u64 = 1 << 62;
+
+/// A stream of a connection grpc-go serves, before its handler starts: a context of its own.
 fn placeholder_ctx(fd: i32, stream_id: u32) -> ExecCtx {
-    goroutine_ctx((1 << 62) | (u64::from(fd as u32) << 32) | u64::from(stream_id))
+    goroutine_ctx(PLACEHOLDER_BIT | (u64::from(fd as u32) << 32) | u64::from(stream_id))
+}
+
+/// A real goroutine's context (not a placeholder, not a thread).
+fn is_goroutine(ctx: ExecCtx) -> bool {
+    goroutine_of(ctx).is_some_and(|g| g & PLACEHOLDER_BIT == 0)
 }
 
 /// The context of a client stream no goroutine is known for yet: serves nothing.
@@ -74,9 +81,10 @@ pub enum GrpcFact {
         method: Option<String>,
         ts_ns: u64,
     },
-    /// The handler on `g` returned.
+    /// The handler on `g` returned (a RET probe, only with `--go-handler-returns`).
     ServerEnd { tgid: u32, g: u64, ts_ns: u64 },
-    /// The server wrote status `code` for the stream, on goroutine `g`.
+    /// The server wrote status `code` for the stream, on goroutine `g`: grpc-go does so on
+    /// the handler's goroutine once the handler returned, so this also ends the handler.
     ServerStatus {
         tgid: u32,
         g: u64,
@@ -409,13 +417,16 @@ impl SpanBuilder {
             }
             GrpcFact::ServerStatus {
                 tgid,
-                g: _,
+                g,
                 fd,
                 stream_id,
                 code,
-                ts_ns: _,
+                ts_ns,
             } => {
                 self.grpc_status(tgid, fd, stream_id, code);
+                if self.grpc.handlers.get(&(tgid, g)) == Some(&(fd, stream_id)) {
+                    self.grpc_handler_done(tgid, g, fd, stream_id, ts_ns);
+                }
             }
             GrpcFact::ClientStatus {
                 tgid,
@@ -490,8 +501,8 @@ impl SpanBuilder {
                 key
             }
         };
-        let pending = key.and_then(|key| self.pending_h2.get_mut(&(key, stream_id)));
-        let Some(p) = pending else {
+        let pending = key.and_then(|key| Some(key).zip(self.pending_h2.get_mut(&(key, stream_id))));
+        let Some((key, p)) = pending else {
             // The parser has no such stream (its connection is not followed as HTTP/2, or its
             // headers were never seen): nothing to bind, nothing to keep.
             self.grpc.counters.server_unmatched += 1;
@@ -502,9 +513,17 @@ impl SpanBuilder {
         }
         let ctx = goroutine_ctx(g);
         let ids = p.ids;
+        let read_on = p.ctx;
         if p.ctx != ctx {
             deactivate(&mut self.active, tgid, p.ctx, ids.span_id);
             p.ctx = ctx;
+        }
+        self.grpc_unpark_streams(key, stream_id, read_on);
+        // handleStream serves one stream at a time, at the start of a new goroutine (or a
+        // stream worker's loop): whatever else is active on `g` is from an earlier goroutine
+        // that had the same struct (the runtime reuses them), never this handler's.
+        if let Some(stack) = self.active.get_mut(&(tgid, ctx)) {
+            stack.retain(|s| s.span_id == ids.span_id);
         }
         let stack_known = self.active.contains_key(&(tgid, ctx));
         if self.active.len() < MAX_ACTIVE_THREADS || stack_known {
@@ -524,6 +543,53 @@ impl SpanBuilder {
         let call = self.grpc.call_mut(tgid, fd, stream_id);
         call.g = Some(g);
         call.method = method;
+    }
+
+    /// The handler of stream `stream_id` of `key` starts; its request was read on goroutine
+    /// `read_on` (the connection's first streams, before it was known to be grpc-go's). The
+    /// other streams read there whose handlers have not started are moved to contexts of
+    /// their own: the goroutine that read them serves none of them. It is the connection's
+    /// reader, whose spawn chain reaches every handler, or a goroutine that has exited
+    /// (grpc-go reads a new connection's first frames on the goroutine that accepted it,
+    /// which ends once the reader starts) and whose struct the runtime may hand to this very
+    /// handler: left there, those streams would sit above this handler's own and take its
+    /// outbound calls.
+    fn grpc_unpark_streams(&mut self, key: ConnKey, stream_id: u32, read_on: ExecCtx) {
+        let tgid = key.tgid;
+        if !is_goroutine(read_on)
+            || self
+                .active
+                .get(&(tgid, read_on))
+                .is_none_or(|stack| stack.is_empty())
+        {
+            return;
+        }
+        let calls = self.grpc.conns.get(&(tgid, key.fd)).map(|c| &c.calls);
+        let waiting: Vec<u32> = self
+            .pending_h2
+            .iter()
+            .filter(|((k, sid), p)| {
+                *k == key
+                    && *sid != stream_id
+                    && p.ctx == read_on
+                    && calls
+                        .and_then(|c| c.get(sid))
+                        .is_none_or(|call| call.g.is_none())
+            })
+            .map(|((_, sid), _)| *sid)
+            .collect();
+        for sid in waiting {
+            let Some(p) = self.pending_h2.get_mut(&(key, sid)) else {
+                continue;
+            };
+            let ids = p.ids;
+            let own = placeholder_ctx(key.fd, sid);
+            p.ctx = own;
+            deactivate(&mut self.active, tgid, read_on, ids.span_id);
+            if self.active.len() < MAX_ACTIVE_THREADS {
+                self.active.entry((tgid, own)).or_default().push(ids);
+            }
+        }
     }
 
     /// The handler of stream `stream_id` on `g` is done: its duration is known, and the
@@ -1027,18 +1093,20 @@ mod tests {
             Some("/b.T/N"),
         );
         w.end(CLIENT, Role::Client, stream(1, Some("/b.T/N"), Some(0)));
+        // The status, written on the handler's goroutine, ends the handler; a RET probe's
+        // end after it (with --go-handler-returns) changes nothing.
         w.fact(GrpcFact::ServerStatus {
             tgid: 10,
             g: 0x100,
             fd: SERVER.fd,
             stream_id: 1,
             code: 0,
-            ts_ns: 300,
+            ts_ns: 350,
         });
         w.fact(GrpcFact::ServerEnd {
             tgid: 10,
             g: 0x100,
-            ts_ns: 350,
+            ts_ns: 400,
         });
         w.end(SERVER, Role::Server, stream(1, Some("/a.S/M"), Some(0)));
         let server = w.span(SpanKind::Server, "a.S/M");
@@ -1086,6 +1154,102 @@ mod tests {
         );
         w.end(CLIENT, Role::Client, stream(1, Some("/b.T/N"), Some(0)));
         let client = w.span(SpanKind::Client, "b.T/N");
+        assert_eq!(client.parent_span_id, None);
+    }
+
+    /// The run that failed the chained-call e2e test: grpc-go reads a new connection's
+    /// first frames (four requests here) on the goroutine that accepted it, which then
+    /// spawns the reader and exits, and the runtime gives its struct to the first handler.
+    /// The three streams still waiting for their handlers were left above the first
+    /// handler's own span on that goroutine, so its outbound call went under stream 7.
+    #[test]
+    fn a_handler_on_the_reused_struct_of_the_goroutine_that_read_its_request() {
+        const ACCEPTED: u64 = 0x500;
+        let mut w = World::default();
+        for id in [1, 3, 5, 7] {
+            let path = format!("/a.S/M{id}");
+            w.req(
+                SERVER,
+                Role::Server,
+                goroutine_ctx(ACCEPTED),
+                id,
+                Some(&path),
+            );
+        }
+        w.b.on_go(GoFact::Spawn {
+            tgid: 10,
+            parent: ACCEPTED,
+            child: READER,
+        });
+        w.b.on_go(GoFact::Spawn {
+            tgid: 10,
+            parent: READER,
+            child: ACCEPTED,
+        });
+        for (g, id) in [(ACCEPTED, 1), (0x200, 3), (0x300, 5), (0x400, 7)] {
+            w.start(g, id, &format!("/a.S/M{id}"));
+            w.open(g);
+            w.opened(g, id, &format!("/b.T/N{id}"));
+            let path = format!("/b.T/N{id}");
+            w.req(CLIENT, Role::Client, goroutine_ctx(LOOPY), id, Some(&path));
+        }
+        for id in [1, 3, 5, 7] {
+            let path = format!("/b.T/N{id}");
+            w.end(CLIENT, Role::Client, stream(id, Some(&path), Some(0)));
+            w.fact(GrpcFact::ServerStatus {
+                tgid: 10,
+                g: [ACCEPTED, 0x200, 0x300, 0x400][(id as usize) / 2],
+                fd: SERVER.fd,
+                stream_id: id,
+                code: 0,
+                ts_ns: 300,
+            });
+            let path = format!("/a.S/M{id}");
+            w.end(SERVER, Role::Server, stream(id, Some(&path), Some(0)));
+        }
+        for id in [1, 3, 5, 7] {
+            let server = w.span(SpanKind::Server, &format!("a.S/M{id}"));
+            let client = w.span(SpanKind::Client, &format!("b.T/N{id}"));
+            assert_eq!(
+                client.parent_span_id,
+                Some(server.span_id),
+                "call of stream {id}"
+            );
+        }
+        assert_eq!(w.b.active_len(), 0);
+    }
+
+    /// The connection's first requests were read by its reader goroutine, whose spawn chain
+    /// reaches every goroutine of the connection: once one handler starts, the streams still
+    /// waiting for theirs are no longer the reader's, so a goroutine it spawned that is no
+    /// handler serves none of them.
+    #[test]
+    fn streams_waiting_for_their_handler_leave_the_reader_at_the_first_start() {
+        let mut w = World::default();
+        for id in [1, 3] {
+            let path = format!("/a.S/M{id}");
+            w.req(SERVER, Role::Server, goroutine_ctx(READER), id, Some(&path));
+        }
+        w.b.on_go(GoFact::Spawn {
+            tgid: 10,
+            parent: READER,
+            child: 0x100,
+        });
+        w.start(0x100, 1, "/a.S/M1");
+        w.b.on_go(GoFact::Spawn {
+            tgid: 10,
+            parent: READER,
+            child: 0x901,
+        });
+        // An HTTP/2 connection the hooks never named, written by that goroutine.
+        let other = ConnKey {
+            tgid: 10,
+            fd: 7,
+            conn_id: 3,
+        };
+        w.req(other, Role::Client, goroutine_ctx(0x901), 1, Some("/c.U/P"));
+        w.end(other, Role::Client, stream(1, Some("/c.U/P"), Some(0)));
+        let client = w.span(SpanKind::Client, "c.U/P");
         assert_eq!(client.parent_span_id, None);
     }
 
