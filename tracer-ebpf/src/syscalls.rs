@@ -230,26 +230,9 @@ fn sock_local(fd: i32, out: &mut SockAddr) {
 
 #[inline(always)]
 fn track_pipe(id: u64, fd: i32, ino: u64) {
-    let tgid = (id >> 32) as u32;
-    let conn_id = unsafe { bpf_ktime_get_ns() };
-    let info = SockInfo {
-        conn_id,
-        role: role::PIPE,
-        tls: 0,
-        _pad: [0; 2],
-        seq: 0,
-    };
-    if put_counted(
-        &SOCKETS,
-        &sock_key(tgid, fd),
-        &info,
-        counter::SOCKETS_CREATED,
-    )
-    .is_err()
-    {
-        bump(counter::SOCKET_MAP_FULL);
+    let Some(conn_id) = follow(id, fd, role::PIPE) else {
         return;
-    }
+    };
     emit_conn(
         kind::PIPE,
         role::PIPE,
@@ -260,6 +243,26 @@ fn track_pipe(id: u64, fd: i32, ino: u64) {
         false,
         ino,
     );
+}
+
+/// Starts following (tgid, fd) as a new connection of `fd_role`; its generation, or None
+/// when SOCKETS refused the entry.
+#[inline(always)]
+fn follow(id: u64, fd: i32, fd_role: u8) -> Option<u64> {
+    let conn_id = unsafe { bpf_ktime_get_ns() };
+    let info = SockInfo {
+        conn_id,
+        role: fd_role,
+        tls: 0,
+        _pad: [0; 2],
+        seq: 0,
+    };
+    let key = sock_key((id >> 32) as u32, fd);
+    if put_counted(&SOCKETS, &key, &info, counter::SOCKETS_CREATED).is_err() {
+        bump(counter::SOCKET_MAP_FULL);
+        return None;
+    }
+    Some(conn_id)
 }
 
 #[inline(always)]
@@ -640,26 +643,9 @@ fn emit_conn(
 
 #[inline(always)]
 fn track(id: u64, fd: i32, sock_role: u8, event_kind: u8, peer: SockAddr) {
-    let tgid = (id >> 32) as u32;
-    let conn_id = unsafe { bpf_ktime_get_ns() };
-    let info = SockInfo {
-        conn_id,
-        role: sock_role,
-        tls: 0,
-        _pad: [0; 2],
-        seq: 0,
-    };
-    if put_counted(
-        &SOCKETS,
-        &sock_key(tgid, fd),
-        &info,
-        counter::SOCKETS_CREATED,
-    )
-    .is_err()
-    {
-        bump(counter::SOCKET_MAP_FULL);
+    let Some(conn_id) = follow(id, fd, sock_role) else {
         return;
-    }
+    };
     emit_conn(event_kind, sock_role, id, fd, conn_id, peer, true, 0);
 }
 
