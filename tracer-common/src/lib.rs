@@ -26,6 +26,14 @@ pub const RING_BYTES: u32 = 8 << 20;
 /// the traced host more than the copying does.
 pub const RING_WAKEUP_BYTES: u64 = 1 << 20;
 
+/// Flags of a map update (`bpf_map_update_elem`), shared by both sides.
+pub mod map_update {
+    /// Create or replace.
+    pub const ANY: u64 = 0;
+    /// Create only: fails with EEXIST when the key has an entry.
+    pub const NOEXIST: u64 = 1;
+}
+
 /// First byte of every ring buffer record.
 pub mod kind {
     pub const DATA: u8 = 1;

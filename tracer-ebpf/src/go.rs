@@ -254,8 +254,13 @@ pub(crate) fn net_conn_sysfd(conn: Option<u64>, off: &GoOffsets) -> Option<i64> 
 /// read fails or the number is no fd.
 #[inline(always)]
 pub(crate) fn net_conn_fd(conn: Option<u64>, off: &GoOffsets) -> Option<i32> {
-    let sysfd = net_conn_sysfd(conn, off)?;
-    (0..=i32::MAX as i64)
+    net_conn_sysfd(conn, off).and_then(sysfd_as_fd)
+}
+
+/// A `pfd.Sysfd` as an fd number; None when it is none (negative, or beyond an int).
+#[inline(always)]
+pub(crate) fn sysfd_as_fd(sysfd: i64) -> Option<i32> {
+    (0..=i64::from(i32::MAX))
         .contains(&sysfd)
         .then_some(sysfd as i32)
 }

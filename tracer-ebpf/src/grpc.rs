@@ -24,7 +24,9 @@ use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use tracer_common::{GoOffsets, counter, go_op, role, sock_key};
 
 use crate::{
-    go::{CLOSED_SYSFD, emit, field, go_string, net_conn_sysfd, read_user, regs, setup},
+    go::{
+        CLOSED_SYSFD, emit, field, go_string, net_conn_sysfd, read_user, regs, setup, sysfd_as_fd,
+    },
     util::{SOCKETS, bump},
 };
 
@@ -39,10 +41,7 @@ fn conn_fd(tgid: u32, conn_field: Option<u64>, off: &GoOffsets) -> Option<i32> {
     if sysfd == Some(CLOSED_SYSFD) {
         return None;
     }
-    let Some(fd) = sysfd
-        .filter(|fd| (0..=i64::from(i32::MAX)).contains(fd))
-        .map(|fd| fd as i32)
-    else {
+    let Some(fd) = sysfd.and_then(sysfd_as_fd) else {
         bump(counter::GRPC_NO_SOCKET);
         return None;
     };

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     DataEvent, MAX_INFLIGHT, MAX_OTHER_FDS, MAX_SOCKETS, MAX_WATCHED, RING_BYTES,
-    RING_WAKEUP_BYTES, SockInfo, counter,
+    RING_WAKEUP_BYTES, SockInfo, counter, map_update,
 };
 
 /// Load-time settings, written by the agent with `EbpfLoader::override_global`.
@@ -281,9 +281,6 @@ pub fn bump(index: u32) {
     }
 }
 
-/// Flags of a map update: replace or create; create only.
-const BPF_ANY: u64 = 0;
-const BPF_NOEXIST: u64 = 1;
 /// -EEXIST from an update with BPF_NOEXIST: the key has an entry.
 const ERR_EXISTS: i32 = -17;
 
@@ -299,12 +296,12 @@ pub fn put_counted<K, V>(
     value: &V,
     created: u32,
 ) -> Result<(), i32> {
-    match map.insert(key, value, BPF_NOEXIST) {
+    match map.insert(key, value, map_update::NOEXIST) {
         Ok(()) => {
             bump(created);
             Ok(())
         }
-        Err(ERR_EXISTS) => map.insert(key, value, BPF_ANY),
+        Err(ERR_EXISTS) => map.insert(key, value, map_update::ANY),
         Err(err) => Err(err),
     }
 }

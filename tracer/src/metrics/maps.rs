@@ -24,7 +24,10 @@ use aya::maps::{Map, MapData, MapInfo, PerCpuArray};
 use tracer_common::counter;
 
 use super::self_telemetry::MapOccupancy;
-use crate::probes::churn::{ChurnSources, FdMapChurn, UserChurn};
+use crate::probes::{
+    churn::{ChurnSources, FdMapChurn, UserChurn},
+    counter_sum,
+};
 
 /// How often the maps are counted.
 pub const COUNT_EVERY: Duration = Duration::from_secs(5);
@@ -181,10 +184,7 @@ struct Churn<'a> {
 
 impl Churn<'_> {
     fn kernel_sum(&self, index: u32) -> u64 {
-        self.kernel
-            .get(&index, 0)
-            .map(|values| values.iter().copied().fold(0u64, u64::wrapping_add))
-            .unwrap_or(0)
+        counter_sum(self.kernel, index)
     }
 
     fn created(&self) -> u64 {

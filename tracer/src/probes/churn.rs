@@ -10,10 +10,7 @@ use std::sync::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use aya::sys::SyscallError;
-
-/// Map update flags: create only; create or replace.
-const BPF_NOEXIST: u64 = 1;
-const BPF_ANY: u64 = 0;
+use tracer_common::map_update;
 
 /// Entries user space created in and removed from one map.
 #[derive(Debug, Default)]
@@ -39,12 +36,12 @@ impl UserChurn {
         key: u64,
         value: &V,
     ) -> Result<(), MapError> {
-        match map.insert(&key, value, BPF_NOEXIST) {
+        match map.insert(&key, value, map_update::NOEXIST) {
             Ok(()) => {
                 self.created.fetch_add(1, Ordering::AcqRel);
                 Ok(())
             }
-            Err(err) if is_errno(&err, libc::EEXIST) => map.insert(&key, value, BPF_ANY),
+            Err(err) if is_errno(&err, libc::EEXIST) => map.insert(&key, value, map_update::ANY),
             Err(err) => Err(err),
         }
     }

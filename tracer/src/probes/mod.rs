@@ -415,12 +415,18 @@ impl Probes {
     pub fn counters(&self) -> KernelCounters {
         let mut out = [0u64; counter::COUNT as usize];
         for (index, slot) in out.iter_mut().enumerate() {
-            if let Ok(values) = self.counters.get(&(index as u32), 0) {
-                *slot = values.iter().sum();
-            }
+            *slot = counter_sum(&self.counters, index as u32);
         }
         out
     }
+}
+
+/// One COUNTERS slot summed over the CPUs (0 when it cannot be read).
+pub fn counter_sum(counters: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    counters
+        .get(&index, 0)
+        .map(|values| values.iter().copied().fold(0, u64::wrapping_add))
+        .unwrap_or(0)
 }
 
 /// (name, id) of the object's hash maps (LRU or not), while they are all still in it.
